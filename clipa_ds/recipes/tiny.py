@@ -1,0 +1,35 @@
+"""`tiny`: a seconds-long two-stage CLIPA schedule on CPU; backs the demo and the tests.
+
+Same shape as the real recipes: low-resolution, short-text pre-training, then a fine-tune at
+higher resolution with longer text and random patch masking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def recipe() -> dict[str, Any]:
+    pretrain = {
+        "name": "pretrain",
+        "samples": 24_576,
+        "global_batch": 256,
+        "image": {"size": 32, "mask": "none", "mask_ratio": 0.0},
+        "text": {"context_length": 8, "strategy": "truncate"},
+        "optim": {"lr": 2e-3, "warmup_samples": 2_048, "weight_decay": 0.1},
+    }
+    finetune = {
+        "name": "finetune",
+        "samples": 6_144,
+        "global_batch": 256,
+        "image": {"size": 48, "mask": "random", "mask_ratio": 0.3},
+        "text": {"context_length": 16, "strategy": "truncate"},
+        "optim": {"lr": 5e-4, "warmup_samples": 512, "weight_decay": 0.1},
+    }
+    return {
+        "run": {"dir": "runs/tiny", "seed": 0, "log_every_steps": 10},
+        "model": {"variant": "tiny"},
+        "data": {"train_urls": "", "workers": 1, "shuffle_buffer": 500},
+        "engine": {"zero_stage": 1, "bf16": False, "peak_tflops": 1.0},
+        "stages": [pretrain, finetune],
+    }
