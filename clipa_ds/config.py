@@ -56,16 +56,71 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class S3Config:
+    # Credentials are deliberately NOT config keys: they come from AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), a profile, or botocore's default chain, so
+    # they never reach config dumps, fingerprints, checkpoints or logs.
+    endpoint_url: str = ""  # "" -> $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS itself
+    region: str = ""  # "" -> $AWS_REGION / $AWS_DEFAULT_REGION
+    profile: str = ""  # "" -> $AWS_PROFILE / default chain
+    addressing_style: str = "auto"  # auto | path | virtual
+    anonymous: bool = False  # unsigned requests (public buckets)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.s3.addressing_style", self.addressing_style, ("auto", "path", "virtual"))
+        _check(
+            self.endpoint_url == "" or self.endpoint_url.startswith(("http://", "https://")),
+            f"data.s3.endpoint_url={self.endpoint_url!r} must start with http:// or https://",
+        )
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    # Shard URLs: a brace pattern, or several separated by "::" (webdataset convention).
+    # Shard URLs (local, s3://, gs://, http(s)://) with brace patterns; "::" separates parts.
     train_urls: str = ""
+    # One weight per "::"-separated source to mix them by weight; empty: all parts form one source.
+    source_weights: list[float] = field(default_factory=list)
     workers: int = 2
-    shuffle_buffer: int = 1000
-    max_image_pixels: int = 50_000_000  # decompression-bomb cap
+    shuffle_buffer: int = 1000  # samples per shuffle block (also the resume re-read cost)
+    max_image_pixels: int = 50_000_000  # decompression-bomb cap; larger images are skipped+counted
+    min_crop_scale: float = 0.9  # random-resized-crop area range [min_crop_scale, 1]
+    fast_decode: bool = True  # DCT-scaled JPEG decode (PIL draft) before the resize
+    resample: bool = False  # draw shards with replacement (deterministic) instead of epochs
+    index: str = ""  # sizes.json with samples per shard ("" = none); build: clipa-ds index URLS
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 5  # tries per shard read before the shard is skipped and counted
+    retry_backoff_s: float = 0.5  # first backoff; doubles per attempt, with jitter
+    retry_backoff_max_s: float = 30.0
+    max_failed_shard_frac: float = 0.05  # stop when more shards than this share fail
+    s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
         _check(self.shuffle_buffer >= 1, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1")
+        _check(self.max_image_pixels > 0, f"data.max_image_pixels={self.max_image_pixels} must be > 0")
+        _check(0.0 < self.min_crop_scale <= 1.0, f"data.min_crop_scale={self.min_crop_scale} must be in (0, 1]")
+        _check(
+            all(w > 0 for w in self.source_weights),
+            f"data.source_weights={self.source_weights} must all be > 0",
+        )
+        sources = len([p for p in self.train_urls.split("::") if p.strip()])
+        _check(
+            not self.source_weights or len(self.source_weights) == sources,
+            f"data.source_weights has {len(self.source_weights)} weights for {sources} '::'-separated "
+            "sources in data.train_urls; give one weight per source, or none",
+        )
+        _check(self.connect_timeout_s > 0, f"data.connect_timeout_s={self.connect_timeout_s} must be > 0")
+        _check(self.read_timeout_s > 0, f"data.read_timeout_s={self.read_timeout_s} must be > 0")
+        _check(self.max_attempts >= 1, f"data.max_attempts={self.max_attempts} must be >= 1")
+        _check(
+            0 <= self.retry_backoff_s <= self.retry_backoff_max_s,
+            f"data.retry_backoff_s={self.retry_backoff_s} must be in [0, data.retry_backoff_max_s]",
+        )
+        _check(
+            0.0 <= self.max_failed_shard_frac <= 1.0,
+            f"data.max_failed_shard_frac={self.max_failed_shard_frac} must be in [0, 1]",
+        )
 
 
 @dataclass(kw_only=True)

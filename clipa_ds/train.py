@@ -21,6 +21,7 @@ from clipa_ds.engine import BatchPlan, DistEnv, batch_plan, build_engine, init_d
 from clipa_ds.flops import train_flops_per_sample
 from clipa_ds.metrics import MetricsLogger
 from clipa_ds.schedule import lr_at
+from clipa_ds.step import train_step
 
 StateDict = dict[str, torch.Tensor]
 
@@ -115,20 +116,15 @@ def train_stage(cfg: Config, stage_index: int, dist_env: DistEnv, logger: Metric
     for step in range(stage.steps):
         samples_seen = step * plan.global_batch
         set_lr(engine, lr_at(samples_seen, stage.optim, stage.samples))
-        for _ in range(plan.grad_accum):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            window_wait += time.perf_counter() - wait_start
-            batch = {k: v.to(dist_env.device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach()
+        stats = train_step(engine, batches, plan, dist_env.device)
+        loss_sum += stats.loss_sum
+        window_wait += stats.data_wait_s
         window_samples += plan.global_batch
         if (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stage.steps:
             # The only host sync of the loop: once per log interval.
             torch.distributed.all_reduce(loss_sum)
-            last_loss = loss_sum.item() / (dist_env.world_size * plan.grad_accum * window_samples / plan.global_batch)
+            window_steps = window_samples // plan.global_batch
+            last_loss = loss_sum.item() / (dist_env.world_size * plan.grad_accum * window_steps)
             elapsed = time.perf_counter() - window_start
             samples_per_s = window_samples / elapsed
             record = {

@@ -11,10 +11,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clipa_ds.config import ConfigError
-from clipa_ds.recipes import tiny
+from clipa_ds.recipes import clipa_v1, clipa_v2, tiny
 
 RECIPES: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": tiny.recipe,
+    "clipa-v1-b16-i50t16": clipa_v1.b16_i50t16,
+    "clipa-v1-l16-i17t16": clipa_v1.l16_i17t16,
+    "clipa-v1-l16-i37t8": clipa_v1.l16_i37t8,
+    "clipa-v2-l14-84": clipa_v2.l14_84,
+    "clipa-v2-l14-84-336": clipa_v2.l14_84_336,
+    "clipa-v2-h14-70": clipa_v2.h14_70,
+    "clipa-v2-h14-84": clipa_v2.h14_84,
+    "clipa-v2-h14-84-336": clipa_v2.h14_84_336,
+    "clipa-v2-g14-84": clipa_v2.g14_84,
+    "clipa-v2-g14-84-336": clipa_v2.g14_84_336,
 }
 
 
