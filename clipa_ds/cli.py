@@ -11,6 +11,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("clipa_ds.demo", "generate data, train the tiny model in two stages, evaluate zero-shot"),
     "train": ("clipa_ds.train", "train a recipe: clipa-ds train RECIPE [key=value ...]"),
+    "plan": ("clipa_ds.plan", "tokens, FLOPs, GPU-hours, cost and memory of a recipe, per stage"),
+    "eval": ("clipa_ds.evaluate.cli", "zero-shot or retrieval evaluation of a run, checkpoint or export"),
+    "export": ("clipa_ds.export", "consolidated weights as safetensors or open_clip format"),
+    "index": ("clipa_ds.data.index", "count samples per shard into a sizes.json index"),
 }
 
 

@@ -159,7 +159,7 @@ def build_plan(
     final_context = cfg.stages[-1].text.context_length
     warnings = [
         f"stage {s['name']!r}: ~{s['memory_gib']['total']:.1f} GiB per GPU exceeds the {gpu_type.memory_gib:g} GiB "
-        f"of a {gpu}; " + (
+        f"of one {gpu}; " + (
             f"set stages.{s['name']}.micro_batch={s['suggested_micro_batch']} (gradient accumulation; "
             f"fewer negatives per loss)" if s["suggested_micro_batch"] else "no micro-batch fits"
         ) + ", raise --world-size, or use a higher engine.zero_stage"

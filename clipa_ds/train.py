@@ -6,6 +6,7 @@ the components: build stage -> step -> log; each component owns its branches.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipa_ds.data.synthetic_source import materialize_train_urls
 from clipa_ds.config import Config, ConfigError, StageConfig, load_config
 from clipa_ds.engine import BatchPlan, DistEnv, batch_plan, build_engine, init_distributed, set_lr
 from clipa_ds.flops import train_flops_per_sample
@@ -154,6 +156,9 @@ def train_stage(cfg: Config, stage_index: int, dist_env: DistEnv, logger: Metric
 def run(cfg: Config) -> list[StageResult]:
     """Train every stage of `cfg` in order, handing the weights from one stage to the next."""
     dist_env = init_distributed()
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, train_urls=materialize_train_urls(cfg.data.train_urls, cfg.run.dir, dist_env.rank))
+    )
     for stage in cfg.stages:  # fail on batch arithmetic before any work
         batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
     run_dir = Path(cfg.run.dir)

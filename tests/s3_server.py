@@ -153,7 +153,7 @@ class SeaweedS3:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=3)  # throw-away data: no need for a clean shutdown
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)

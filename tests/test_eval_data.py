@@ -13,7 +13,8 @@ from PIL import Image
 
 from clipa_ds.data.tario import END_OF_ARCHIVE, member
 from clipa_ds.evaluate.datasets import EvalDataError, EvalDataset, eval_loader, eval_transform, expand_urls
-from tests.test_eval_fixtures import shard_pattern, write_id_shards
+from tests.s3_server import SeaweedS3, s3_env, s3_server  # noqa: F401 (fixtures)
+from tests.test_eval_fixtures import id_image_png, shard_pattern, write_id_shards
 
 
 def test_eval_transform_resizes_shorter_side_then_center_crops() -> None:
@@ -116,3 +117,37 @@ def test_unknown_source_fails_clearly(tmp_path: Path) -> None:
         EvalDataset(str(tmp_path / "nowhere"), "labels", 8)
     with pytest.raises(EvalDataError, match="retrieval needs captioned .tar shards"):
         EvalDataset(str(tmp_path), "captions", 8)
+
+
+@pytest.mark.slow
+def test_zeroshot_from_s3_shards_and_image_folder_equals_local(
+    tmp_path: Path, s3_env: SeaweedS3  # noqa: F811
+) -> None:
+    from clipa_ds.evaluate.labels import make_label_set
+    from clipa_ds.evaluate.zeroshot import run_zeroshot
+    from tests.test_eval_fixtures import IdTokenizer, TableModel, zeroshot_problem
+
+    labels, images, texts, classnames, templates, vocab = zeroshot_problem(9, 7, 3)
+    local = write_id_shards(tmp_path / "shards", [5, 4], labels=labels.tolist())
+    s3_env.upload(local, "clipa-eval", "zs")
+    # The same samples as an ImageFolder: ROOT/class-name/ID.png, uploaded to s3 too.
+    folder = tmp_path / "folder"
+    for sample_id, label in enumerate(labels.tolist()):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{label}" / f"{sample_id:03d}.png").write_bytes(id_image_png(sample_id))
+    fs = s3_env.filesystem()
+    fs.put(str(folder), "clipa-eval/folder", recursive=True)
+    present = sorted({int(x) for x in labels.tolist()})
+    folder_label_set = make_label_set([classnames[c] for c in present], templates)
+
+    def evaluate(source: str, label_set) -> dict:
+        return run_zeroshot(
+            TableModel(images, texts), source, tokenizer=IdTokenizer(vocab), image_size=8, device="cpu",
+            batch_size=4, label_set=label_set, context_length=4,
+        )
+
+    label_set = make_label_set(classnames, templates)
+    assert evaluate("s3://clipa-eval/zs/eval-{000..001}.tar", label_set) == evaluate(shard_pattern(local), label_set)
+    from_s3 = evaluate("s3://clipa-eval/folder", folder_label_set)
+    assert from_s3 == evaluate(str(folder), folder_label_set)
+    assert from_s3["samples"] == 9

@@ -3,6 +3,7 @@
 Eval sizes are odd (13 labelled samples, 21 captioned images with 1-3 captions each), and both
 ways of splitting are covered: whole shards per rank (3 shards) and samples strided over ranks
 (1 shard). Embeddings come from a table model, so "the same embeddings" holds exactly.
+The same two processes also check that a data error on one rank stops both (no hang).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from clipa_ds.evaluate.datasets import EvalDataError
 from clipa_ds.evaluate.labels import make_label_set
+from clipa_ds.evaluate.metrics import PeerRankError
 from clipa_ds.evaluate.retrieval import run_retrieval
 from clipa_ds.evaluate.zeroshot import run_zeroshot
 from tests.test_eval_fixtures import (
@@ -42,6 +45,10 @@ def build_data(root: Path) -> dict[str, str]:
     for split, (labelled, captioned) in SPLITS.items():
         sources[f"zeroshot-{split}"] = shard_pattern(write_id_shards(root / f"z-{split}", labelled, labels=labels.tolist()))
         sources[f"retrieval-{split}"] = shard_pattern(write_id_shards(root / f"r-{split}", captioned, captions=captions))
+    # Shard 0 (rank 0) is labelled, shard 1 (rank 1) is not.
+    good = write_id_shards(root / "mixed", [2], labels=[0, 1], prefix="good")
+    bad = write_id_shards(root / "mixed", [2], captions=[["x"], ["y"]], prefix="bad")
+    sources["unlabelled-rank1"] = shard_pattern(good + bad)
     return sources
 
 
@@ -52,6 +59,8 @@ def evaluate_all(sources: dict[str, str]) -> dict[str, dict]:
     label_set = make_label_set(classnames, templates)
     results: dict[str, dict] = {}
     for name, source in sources.items():
+        if name.startswith("unlabelled"):
+            continue
         if name.startswith("zeroshot"):
             model = TableModel(z_images, z_texts)
             workers = 2 if name.endswith("units") else 0  # DataLoader workers split a rank's shards
@@ -78,6 +87,17 @@ def _rank_main(rank: int, port: int, sources: dict[str, str], out_dir: str) -> N
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = evaluate_all(sources)
+        # A failure on one rank is raised on every rank instead of hanging the other one.
+        _, _, _, classnames, templates, vocab = zeroshot_problem(NUM_LABELLED, NUM_CLASSES, NUM_TEMPLATES)
+        try:
+            run_zeroshot(
+                TableModel(torch.zeros(1, 4), torch.zeros(len(vocab), 4)), sources["unlabelled-rank1"],
+                tokenizer=IdTokenizer(vocab), image_size=8, device="cpu", batch_size=1,
+                label_set=make_label_set(classnames, templates), context_length=4,
+            )
+            results["error"] = "none"
+        except (EvalDataError, PeerRankError) as exc:
+            results["error"] = type(exc).__name__
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -95,7 +115,8 @@ def test_two_ranks_equal_single_process_and_brute_force(tmp_path: Path, port: in
     expected_zeroshot = brute_zeroshot(z_images, z_texts, labels, NUM_CLASSES, NUM_TEMPLATES)
     expected_retrieval = brute_retrieval(r_images, r_texts, owners)
 
-    for name in sources:
+    assert [rank.pop("error") for rank in ranks] == ["PeerRankError", "EvalDataError"]
+    for name in single:
         metric_keys = [k for k in single[name] if k.startswith(("top", "image_to_text", "text_to_image"))]
         expected = expected_zeroshot if name.startswith("zeroshot") else expected_retrieval
         assert {k: single[name][k] for k in metric_keys} == expected, name

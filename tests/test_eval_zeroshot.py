@@ -86,6 +86,13 @@ def _tiny_clip(context_length: int) -> torch.nn.Module:
     return build_clip("tiny", context_length)
 
 
+def _record_image_features(model: torch.nn.Module) -> list[torch.Tensor]:
+    features: list[torch.Tensor] = []
+    encode_image = model.encode_image
+    model.encode_image = lambda images: (features.append(encode_image(images)), features[-1])[1]  # type: ignore[method-assign]
+    return features
+
+
 def test_evaluation_uses_full_tokens_while_training_masks(tmp_path: Path) -> None:
     context_length = 8
     source = write_synthetic_eval(tmp_path, num_samples=19, image_size=40, seed=0)[0]
@@ -100,6 +107,7 @@ def test_evaluation_uses_full_tokens_while_training_masks(tmp_path: Path) -> Non
     seen: list[torch.Tensor] = []
     encode_text = masked.encode_text
     masked.encode_text = lambda tokens: (seen.append(tokens.clone()), encode_text(tokens))[1]  # type: ignore[method-assign]
+    masked_features = _record_image_features(masked)
     masked.train()
     with_masking = run_zeroshot(
         masked, source, tokenizer=tokenizer, image_size=32, device="cpu", batch_size=8, label_set=label_set
@@ -113,10 +121,12 @@ def test_evaluation_uses_full_tokens_while_training_masks(tmp_path: Path) -> Non
     # switches the tower's masking off ...
     plain = _tiny_clip(context_length)
     plain.load_state_dict(masked.state_dict())
+    plain_features = _record_image_features(plain)
     without_masking = run_zeroshot(
         plain, source, tokenizer=tokenizer, image_size=32, device="cpu", batch_size=8, label_set=label_set
     )
     assert with_masking == without_masking
+    assert torch.equal(torch.cat(masked_features), torch.cat(plain_features))
     assert masked.training and masked.visual.training  # mode restored for training
     # ... while in training mode the masked tower does drop tokens (the check above has teeth).
     images = torch.randn(2, 3, 32, 32)

@@ -71,13 +71,23 @@ def is_remote(url: str) -> bool:
     return protocol_of(url) in REMOTE_PROTOCOLS
 
 
-_CACHE: dict[tuple[int, str, StorageSettings], fsspec.AbstractFileSystem] = {}
+_CACHE: dict[tuple[int, str, StorageSettings, str], fsspec.AbstractFileSystem] = {}
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _credentials_digest() -> str:
+    """Changes when the credentials in the environment change (a digest: no secret is kept)."""
+    import hashlib
+
+    joined = "\0".join(os.environ.get(name, "") for name in _CREDENTIAL_VARS)
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def filesystem(url: str, settings: StorageSettings) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for `url`'s protocol, built once per process and settings."""
+    """The fsspec filesystem for `url`'s protocol, built once per process, settings and credentials."""
     protocol = protocol_of(url)
-    key = (os.getpid(), protocol, settings)
+    key = (os.getpid(), protocol, settings, _credentials_digest())
     fs = _CACHE.get(key)
     if fs is None:
         fs = _make_filesystem(protocol, settings)
@@ -100,7 +110,7 @@ def _make_filesystem(protocol: str, s: StorageSettings) -> fsspec.AbstractFileSy
                 "connect_timeout": s.connect_timeout_s,
                 "read_timeout": s.read_timeout_s,
                 # Retries are ours (shards.RetryingStream: backoff + jitter, counted).
-                "retries": {"max_attempts": 1, "mode": "standard"},
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "s3": {"addressing_style": s.addressing_style},
             },
             default_block_size=s.block_size,

@@ -21,9 +21,10 @@ BLOCK = 512
 class TarError(Exception):
     """A damaged shard; `samples` is how many complete samples came before the damage."""
 
-    def __init__(self, message: str, samples: int = 0) -> None:
+    def __init__(self, message: str, samples: int = 0, member_name: str | None = None) -> None:
         super().__init__(message)
         self.samples = samples
+        self.member_name = member_name  # the member whose data was cut, when its header was valid
 
 
 class TarCorrupt(TarError):
@@ -129,11 +130,10 @@ def iter_members(stream: BinaryIO, start_offset: int = 0) -> Iterator[tuple[str,
             raise TarCorrupt(f"bad size field at byte {at}") from None
         typeflag = block[156:157]
         data = reader.read_exact(size)
-        if len(data) < size:
-            raise TarTruncated(f"truncated member at byte {at}: {len(data)} of {size} bytes")
         pad = (-size) % BLOCK
-        if pad and len(reader.read_exact(pad)) < pad:
-            raise TarTruncated(f"truncated padding at byte {at}")
+        if len(data) < size or (pad and len(reader.read_exact(pad)) < pad):
+            name = long_name or block[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            raise TarTruncated(f"truncated member at byte {at}: {len(data)} of {size} bytes", member_name=name)
         if typeflag == b"L":  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             continue
@@ -173,6 +173,10 @@ def iter_samples(stream: BinaryIO, start_offset: int = 0) -> Iterator[RawSample]
             current.files[ext] = data
             current.end = end
     except TarError as err:
+        # A valid header with a new key proves the previous sample was complete.
+        if current is not None and err.member_name is not None and split_key(err.member_name)[0] != current.key:
+            yield current
+            count += 1
         err.samples = count
         raise
     if current is not None:

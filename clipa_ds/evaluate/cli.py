@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from clipa_ds.config import ConfigError
+from clipa_ds.data.shards import ShardFailed
 from clipa_ds.evaluate.datasets import EvalDataError
+from clipa_ds.evaluate.metrics import PeerRankError
 
 BUNDLE_FORMAT = "clipa-ds-eval-bundle"
 BUNDLE_VERSION = 1
@@ -32,7 +34,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 
 
-def save_eval_bundle(model: nn.Module, variant: str, context_length: int, image_size: int, directory: str | Path) -> Path:
+def save_eval_bundle(
+    model: nn.Module, variant: str, context_length: int, image_size: int, directory: str | Path
+) -> Path:
     """Write `model` (a CLIP from build_clip, full weights on this process) as an eval bundle."""
     from safetensors.torch import save_model
 
@@ -97,9 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipa-ds eval", description="Zero-shot or retrieval evaluation.")
     parser.add_argument("model", help="eval bundle directory, run directory, or checkpoint")
     parser.add_argument("--task", choices=("zeroshot", "retrieval"), required=True)
-    parser.add_argument("--data", required=True, help="shard URL(s) ('a-{000..009}.tar', '::'-joined) or ImageFolder root")
+    parser.add_argument(
+        "--data", required=True, help="shard URL(s) ('a-{000..009}.tar', '::'-joined) or an ImageFolder root"
+    )
     parser.add_argument("--classnames", default=None, help="class names, one per line (default: ImageNet-1k)")
-    parser.add_argument("--templates", default=None, help="prompt templates with '{}', one per line (default: OpenAI 80)")
+    parser.add_argument(
+        "--templates", default=None, help="prompt templates with '{}', one per line (default: OpenAI's 80)"
+    )
     parser.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the model's)")
     parser.add_argument("--context-length", type=int, default=0, help="prompt tokens (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     device = _init_distributed(args.device)
     try:
         summary = evaluate(args, device)
-    except (ConfigError, EvalDataError, FileNotFoundError) as exc:
+    except (ConfigError, EvalDataError, FileNotFoundError, PeerRankError, ShardFailed) as exc:
         print(f"clipa-ds eval: error: {exc}", file=sys.stderr)
         return 2
     finally:

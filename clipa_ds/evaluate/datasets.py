@@ -1,6 +1,9 @@
 """Evaluation data readers: labelled / captioned webdataset shards and ImageFolder directories.
 
-Sources (local paths or any fsspec URL: s3://, gs://, https://):
+Sources (local paths, s3://, gs://, http(s)://), opened through the training pipeline's storage
+layer (timeouts always set, S3 settings from `data.s3` / the environment) and read with its
+retrying stream and strict tar reader: a damaged or unreachable shard fails the evaluation
+instead of silently shrinking the eval set.
 - shards: a URL containing ".tar"; brace patterns ("val-{000..009}.tar") and several patterns
   joined by "::" (webdataset convention). Samples are tar members grouped by key (the member
   name up to the first dot of its basename).
@@ -28,14 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipa_ds.data import storage
+from clipa_ds.data.shards import RetryingStream, RetryPolicy, expand_urls
 from clipa_ds.data.tario import iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -47,22 +50,28 @@ class EvalDataError(ValueError):
     """Evaluation data that cannot be used as given; the message says what is wrong and the fix."""
 
 
-def expand_urls(source: str) -> list[str]:
-    """"a-{0..2}.tar::b.tar" -> ["a-0.tar", "a-1.tar", "a-2.tar", "b.tar"]."""
-    urls: list[str] = []
-    for pattern in source.split("::"):
-        if pattern.strip():
-            urls.extend(braceexpand(pattern.strip()))
-    return urls
-
-
 def is_shard_source(source: str) -> bool:
     return ".tar" in source
 
 
-def image_folder_classes(root: str) -> list[str]:
-    """Sorted class-directory names of an ImageFolder root (local path or fsspec URL)."""
-    fs, path = fsspec.core.url_to_fs(root)
+def default_storage() -> storage.StorageSettings:
+    """Storage settings from the environment (what `data.s3` defaults to)."""
+    from clipa_ds.config import DataConfig
+
+    return storage.StorageSettings.from_config(DataConfig())
+
+
+def _listing(root: str, settings: storage.StorageSettings) -> tuple[Any, str, str]:
+    """(filesystem, path to list, prefix that turns a listed path back into a URL)."""
+    fs = storage.filesystem(root, settings)
+    if storage.is_remote(root):
+        return fs, root.rstrip("/"), f"{storage.protocol_of(root)}://"
+    return fs, storage.strip_protocol(root).rstrip("/") or "/", ""
+
+
+def image_folder_classes(root: str, settings: storage.StorageSettings | None = None) -> list[str]:
+    """Sorted class-directory names of an ImageFolder root (local path or object-store URL)."""
+    fs, path, _ = _listing(root, settings or default_storage())
     if not fs.isdir(path):
         raise EvalDataError(
             f"eval data {root!r} is neither .tar shards nor a directory; pass shard URL(s) such as "
@@ -71,17 +80,16 @@ def image_folder_classes(root: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
 
 
-def _folder_files(root: str) -> tuple[list[str], list[int], list[str]]:
+def _folder_files(root: str, settings: storage.StorageSettings) -> tuple[list[str], list[int], list[str]]:
     """(file URLs, labels, class names) of an ImageFolder, sorted by class then file name."""
-    fs, path = fsspec.core.url_to_fs(root)
-    classes = image_folder_classes(root)
+    fs, path, prefix = _listing(root, settings)
+    classes = image_folder_classes(root, settings)
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        entries = sorted(fs.ls(f"{path.rstrip('/')}/{name}", detail=False))
-        for entry in entries:
+        for entry in sorted(fs.ls(f"{path}/{name}", detail=False)):
             if entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-                files.append(fs.unstrip_protocol(entry) if "://" in root else entry)
+                files.append(entry if entry.startswith(prefix) else prefix + entry)
                 labels.append(label)
     return files, labels, classes
 
@@ -107,15 +115,29 @@ def decode_image(data: bytes, size: int) -> Tensor:
         return eval_transform(image, size)
 
 
-def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _stream(url: str, settings: storage.StorageSettings) -> RetryingStream:
+    return RetryingStream(url, 0, lambda u, offset: storage.open_at(u, offset, settings), RetryPolicy())
+
+
+def read_file(url: str, settings: storage.StorageSettings) -> bytes:
+    stream = _stream(url, settings)
+    try:
+        return stream.read()
+    finally:
+        stream.close()
+
+
+def iter_tar(url: str, settings: storage.StorageSettings) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream (key, {extension: bytes}) samples from one tar shard, in member order.
 
-    Uses the strict reader of the data pipeline: a damaged shard raises instead of silently
-    ending early (which would quietly shrink the eval set).
+    The strict tar reader raises on a damaged shard instead of silently ending early.
     """
-    with fsspec.open(url, "rb") as stream:
+    stream = _stream(url, settings)
+    try:
         for sample in iter_samples(stream):
             yield sample.key, sample.files
+    finally:
+        stream.close()
 
 
 def _image_bytes(fields: dict[str, bytes], where: str) -> bytes:
@@ -132,7 +154,9 @@ def parse_label(fields: dict[str, bytes], where: str) -> int:
             try:
                 return int(text)
             except ValueError:
-                raise EvalDataError(f"{where}: class label {text!r} in '.{ext}' is not an integer class index") from None
+                raise EvalDataError(
+                    f"{where}: class label {text!r} in '.{ext}' is not an integer class index"
+                ) from None
     raise EvalDataError(
         f"{where} has no class label: zero-shot shards need a '.cls' entry (the class index) per "
         f"sample; found only: {', '.join(sorted(fields))}. Use --task retrieval for captioned shards."
@@ -167,13 +191,22 @@ class EvalSample:
 class EvalDataset(IterableDataset):
     """This rank's samples of an eval source, split further across DataLoader workers."""
 
-    def __init__(self, source: str, task: str, image_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        source: str,
+        task: str,
+        image_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        settings: storage.StorageSettings | None = None,
+    ) -> None:
         if task not in TASKS:
             raise ValueError(f"task={task!r}; choose one of {TASKS}")
         if image_size <= 0:
             raise EvalDataError(f"image_size={image_size} must be > 0")
         self.source, self.task, self.image_size = source, task, image_size
         self.rank, self.world_size = rank, world_size
+        self.settings = settings or default_storage()
         self.classes: list[str] | None = None
         self.folder_labels: list[int] = []
         if is_shard_source(source):
@@ -181,7 +214,7 @@ class EvalDataset(IterableDataset):
         else:
             if task != "labels":
                 raise EvalDataError(f"retrieval needs captioned .tar shards; {source!r} is not a shard URL")
-            self.units, self.folder_labels, self.classes = _folder_files(source)
+            self.units, self.folder_labels, self.classes = _folder_files(source, self.settings)
         # Whole units per rank when there are enough of them; else samples strided over ranks.
         self.split_units = len(self.units) >= world_size
 
@@ -204,11 +237,10 @@ class EvalDataset(IterableDataset):
         url = self.units[unit]
         if self.classes is not None:  # ImageFolder: one image per unit
             if self._owns(unit, 0):
-                with fsspec.open(url, "rb") as f:
-                    image = decode_image(f.read(), self.image_size)
+                image = decode_image(read_file(url, self.settings), self.image_size)
                 yield EvalSample((unit, 0), image, self.folder_labels[unit])
             return
-        for position, (key, fields) in enumerate(iter_tar(url)):
+        for position, (key, fields) in enumerate(iter_tar(url, self.settings)):
             if not self._owns(unit, position):
                 continue
             where = f"shard {url} sample {key!r}"
@@ -231,9 +263,17 @@ def collate(samples: list[EvalSample]) -> dict[str, Any]:
 
 
 def eval_loader(
-    source: str, task: str, image_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0
+    source: str,
+    task: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    settings: storage.StorageSettings | None = None,
 ) -> tuple[DataLoader, EvalDataset]:
     """A DataLoader over this rank's slice (no shuffling, no padding, last batch kept)."""
-    dataset = EvalDataset(source, task, image_size, rank, world_size)
+    dataset = EvalDataset(source, task, image_size, rank, world_size, settings)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return loader, dataset

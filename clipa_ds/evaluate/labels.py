@@ -71,7 +71,9 @@ def make_label_set(classnames: list[str], templates: list[str], source: str = ""
     if not classnames:
         raise ConfigError(f"label set {source or '(given)'} has no class names; the file must list one class per line")
     if not templates:
-        raise ConfigError(f"label set {source or '(given)'} has no templates; give at least one, e.g. 'a photo of a {{}}.'")
+        raise ConfigError(
+            f"label set {source or '(given)'} has no templates; give at least one, e.g. 'a photo of a {{}}.'"
+        )
     bad = [t for t in templates if t.count(PLACEHOLDER) != 1]
     if bad:
         raise ConfigError(

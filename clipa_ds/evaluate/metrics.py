@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 T = TypeVar("T")
+
+
+class PeerRankError(RuntimeError):
+    """Raised on the healthy ranks when another rank's evaluation failed (instead of a hang)."""
+
 QUERY_CHUNK = 1024  # queries scored at once: bounds the (Q, M) score matrix
 
 
@@ -155,7 +160,7 @@ def lockstep(items: Iterable[T], device: torch.device | str = "cpu") -> Iterator
     Every rank therefore runs the same number of iterations, so the caller can run a dummy
     forward on None: ZeRO-3 gathers parameters collectively inside forward, and a rank that
     stopped early would hang the others. An exception on any rank is raised on every rank
-    (instead of a hang): the failing rank re-raises its own, the others a RuntimeError.
+    (instead of a hang): the failing rank re-raises its own, the others a PeerRankError.
     """
     iterator = iter(items)
     rank, size = world()
@@ -179,7 +184,7 @@ def lockstep(items: Iterable[T], device: torch.device | str = "cpu") -> Iterator
         if error is not None:
             raise error
         if any_error:
-            raise RuntimeError(f"evaluation failed on another rank (this is rank {rank}); see that rank's error")
+            raise PeerRankError(f"evaluation failed on another rank (this is rank {rank}); see that rank's error")
         if not any_item:
             return
         yield item if has_item else None

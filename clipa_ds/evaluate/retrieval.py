@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clipa_ds.data.storage import StorageSettings
 from clipa_ds.evaluate import metrics
 from clipa_ds.evaluate.datasets import EvalDataError, eval_loader
 from clipa_ds.evaluate.zeroshot import PromptTokenizer, eval_mode, model_context_length, model_dtype
@@ -120,6 +121,7 @@ def run_retrieval(
     batch_size: int = 64,
     context_length: int | None = None,
     workers: int = 0,
+    storage_settings: StorageSettings | None = None,
 ) -> dict[str, Any]:
     """Retrieval Recall@1/5/10 (percent) on captioned .tar shards; call on every rank.
 
@@ -127,7 +129,10 @@ def run_retrieval(
     """
     context_length = context_length if context_length is not None else model_context_length(model)
     rank, world = metrics.world()
-    loader, _ = eval_loader(data, "captions", image_size, batch_size, rank=rank, world_size=world, workers=workers)
+    loader, _ = eval_loader(
+        data, "captions", image_size, batch_size, rank=rank, world_size=world, workers=workers,
+        settings=storage_settings,
+    )
     with eval_mode(model):
         local = encode_local(
             model, loader, tokenizer, context_length=context_length, image_size=image_size, device=device

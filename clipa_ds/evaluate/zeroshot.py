@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from clipa_ds.data.storage import StorageSettings
 from clipa_ds.evaluate import metrics
 from clipa_ds.evaluate.datasets import EvalDataError, eval_loader
 from clipa_ds.evaluate.labels import LabelSet, imagenet_label_set
@@ -144,7 +145,9 @@ def count_correct(
     return out
 
 
-def summarize(counts: dict[str, int], num_classes: int, ks: tuple[int, ...], source: str, label_source: str) -> dict[str, Any]:
+def summarize(
+    counts: dict[str, int], num_classes: int, ks: tuple[int, ...], source: str, label_source: str
+) -> dict[str, Any]:
     """Percentages from summed counts; raises on an empty set or labels outside the label set."""
     if counts["total"] == 0:
         raise EvalDataError(f"eval set {source!r} is empty (0 samples on all ranks); check the path or shard pattern")
@@ -172,19 +175,25 @@ def run_zeroshot(
     label_set: LabelSet | None = None,
     context_length: int | None = None,
     workers: int = 0,
+    storage_settings: StorageSettings | None = None,
 ) -> dict[str, Any]:
     """Zero-shot top-1/top-5 (percent) of `model` on `data`; call on every rank.
 
     data: .tar shard URL(s) with a "cls" label per sample, or an ImageFolder root.
     label_set: class names + templates (default: the shipped ImageNet-1k set).
     context_length: text length of the prompts (default: the model's text context length).
+    workers: DataLoader decode processes for this rank; storage_settings: object-store settings
+    (`StorageSettings.from_config(cfg.data)`; default: from the environment).
     Returns {"task", "samples", "classes", "top1", "top5"} (top-k only for k <= classes).
     """
     label_set = label_set if label_set is not None else imagenet_label_set()
     context_length = context_length if context_length is not None else model_context_length(model)
     ks = tuple(k for k in TOPK if k <= label_set.num_classes)
     rank, world = metrics.world()
-    loader, dataset = eval_loader(data, "labels", image_size, batch_size, rank=rank, world_size=world, workers=workers)
+    loader, dataset = eval_loader(
+        data, "labels", image_size, batch_size, rank=rank, world_size=world, workers=workers,
+        settings=storage_settings,
+    )
     if dataset.classes is not None and len(dataset.classes) != label_set.num_classes:
         raise EvalDataError(
             f"ImageFolder {data!r} has {len(dataset.classes)} class directories but the label set "

@@ -59,6 +59,13 @@ VARIANTS: dict[str, ModelSpec] = {
         patch_size=16,
         embed_dim=768,
     ),
+    # CLIPA-v2 L/14: L/16 widths with 14-pixel patches.
+    "L-14": ModelSpec(
+        vision=TowerSpec(width=1024, depth=24, heads=16, mlp_dim=4096),
+        text=TowerSpec(width=768, depth=12, heads=12, mlp_dim=3072),
+        patch_size=14,
+        embed_dim=768,
+    ),
     "H-14": ModelSpec(
         vision=TowerSpec(width=1280, depth=32, heads=16, mlp_dim=5120),
         text=TowerSpec(width=1024, depth=24, heads=16, mlp_dim=4096),

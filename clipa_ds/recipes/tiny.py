@@ -29,7 +29,7 @@ def recipe() -> dict[str, Any]:
     return {
         "run": {"dir": "runs/tiny", "seed": 0, "log_every_steps": 10},
         "model": {"variant": "tiny"},
-        "data": {"train_urls": "", "workers": 1, "shuffle_buffer": 500},
+        "data": {"train_urls": "synthetic", "workers": 1, "shuffle_buffer": 500},
         "engine": {"zero_stage": 1, "bf16": False, "peak_tflops": 1.0},
         "stages": [pretrain, finetune],
     }
