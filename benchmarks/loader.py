@@ -1,10 +1,11 @@
 """Loader throughput per CPU core: fast (DCT-scaled JPEG decode) vs naive (full decode + resize).
 
 Builds local webdataset shards from the real photographs that scikit-image and scikit-learn
-ship (random crops re-encoded as 300-512 px JPEGs of about 40 KB, with 10-25-word captions),
-then measures the *full* training pipeline (read tar, decode, random-resized crop + resize,
+ship (random crops re-encoded as 300-512 px JPEGs of about 40 KB, with 10-25-word captions;
+the shorter side is 300-512 px, as img2dataset writes them), then measures the *full* training pipeline (read tar, decode, random-resized crop + resize,
 tokenize with the stage's text strategy, collate into uint8/long tensors) in one process on
-one core (`data.workers=0`, one torch thread) at 64, 84, 112 and 224 px. Fast and naive runs
+one core (`data.workers=0`, one torch thread), as samples per CPU-second, at 64, 84, 112 and
+224 px. Fast and naive runs
 alternate round by round, side by side in one run, and each keeps its best round (other
 processes on a shared machine only ever slow a round down).
 
@@ -63,7 +64,9 @@ def photographs() -> list[np.ndarray]:
 
 
 def make_jpeg(photo: np.ndarray, rng: random.Random, quality: int) -> bytes:
-    """A random crop, rescaled so that its longer side is 300-512 px, as a JPEG."""
+    """A random crop, rescaled so that its shorter side is 300-512 px, as a JPEG.
+
+    Like the shards img2dataset writes (resize_mode=keep_ratio: the shorter side is set)."""
     height, width = photo.shape[:2]
     side = rng.randint(min(height, width) // 2, min(height, width))
     aspect = rng.uniform(0.75, 1.33)
@@ -71,7 +74,7 @@ def make_jpeg(photo: np.ndarray, rng: random.Random, quality: int) -> bytes:
     x, y = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
     image = Image.fromarray(photo[y : y + crop_h, x : x + crop_w])
     target = rng.randint(300, 512)
-    scale = target / max(crop_w, crop_h)
+    scale = target / min(crop_w, crop_h)
     image = image.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
@@ -103,10 +106,10 @@ def write_shards(out: Path, images: int, per_shard: int, seed: int) -> tuple[str
                 caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 25)))
                 handle.write(member(f"{i:08d}.jpg", jpeg) + member(f"{i:08d}.txt", caption.encode()))
                 sizes.append(len(jpeg) / 1024)
-                sides.append(max(Image.open(io.BytesIO(jpeg)).size))
+                sides.append(min(Image.open(io.BytesIO(jpeg)).size))
             handle.write(END_OF_ARCHIVE)
     stats = {"photos": len(photos), "jpeg_quality": quality, "mean_jpeg_kb": round(float(np.mean(sizes)), 1),
-             "jpeg_px_min": int(min(sides)), "jpeg_px_max": int(max(sides))}
+             "jpeg_short_side_min": int(min(sides)), "jpeg_short_side_max": int(max(sides))}
     return f"{out}/bench-{{000000..{shards - 1:06d}}}.tar", stats
 
 
@@ -117,16 +120,19 @@ def stage_for(size: int) -> StageConfig:
 
 
 def measure(urls: str, size: int, fast: bool, samples: int, tokenizer: CaptionTokenizer) -> float:
-    """Samples/s of the whole pipeline in this process (one core)."""
+    """Samples per CPU-second of the whole pipeline in this process (one core).
+
+    CPU time of this process, not wall time: on a shared machine, wall time also counts the
+    time other processes hold the core, CPU time does not."""
     cfg = DataConfig(train_urls=urls, workers=0, shuffle_buffer=64, fast_decode=fast)
     loader = build_train_loader(cfg, stage_for(size), stage_index=0, rank=0, world_size=1, seed=0, micro_batch=32,
                                 tokenizer=tokenizer)
     next(loader)  # warm-up: tokenizer model, first shard
     batches = max(1, samples // 32)
-    start = time.perf_counter()
+    start = time.process_time()
     for batch in itertools.islice(loader, batches):
         assert batch["image"].shape[-1] == size
-    return batches * 32 / (time.perf_counter() - start)
+    return batches * 32 / (time.process_time() - start)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,8 @@
-"""Typed run configuration: one dataclass per component, strict loading, dotted overrides.
+"""Typed run configuration: one dataclass per component.
 
 A recipe is plain data (a dict). `load_config` applies `a.b=c` overrides to that dict, then
-builds the dataclasses with `from_dict`, which rejects unknown keys and values of the wrong type
-with a message that names the key and what is allowed. Each dataclass validates its own values
-in `__post_init__`, so a bad run stops before any work starts.
+builds these dataclasses strictly (clipa_ds.typed_config). Each dataclass validates its own
+values in `__post_init__`, so a bad run stops before any work starts.
 """
 
 from __future__ import annotations
@@ -11,24 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipa_ds.typed_config import ConfigError, apply_override, check, check_choice, from_dict, get_dotted, parse_override
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the fix."""
+__all__ = ["Config", "ConfigError", "load_config"]
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _check_choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    _check(value in allowed, f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+_check = check
+_check_choice = check_choice
 
 
 @dataclass(kw_only=True)
@@ -137,12 +128,55 @@ class EngineConfig:
         _check(self.peak_tflops > 0, f"engine.peak_tflops={self.peak_tflops} must be > 0")
 
 
+LOSS_KINDS = ("clip", "siglip")
+ACCUMULATION_MODES = ("gradient_cache", "per_micro_batch")
+
+
 @dataclass(kw_only=True)
 class LossConfig:
-    kind: str = "clip"
+    kind: str = "clip"  # clip (softmax InfoNCE) | siglip (pairwise sigmoid, learnable bias)
+    # How micro-batches of one optimizer step share negatives (only matters when grad_accum > 1):
+    # gradient_cache: the loss sees the whole global batch (the recipe's batch = negatives),
+    #   at about one extra forward pass; per_micro_batch: DeepSpeed's plain accumulation, each
+    #   micro-batch x world_size is its own contrastive batch (fewer negatives, a different loss).
+    accumulation: str = "gradient_cache"
+    # Global batches with a non-finite loss on any rank are skipped on all ranks; this many in a
+    # row stop the run (after the last good checkpoint).
+    max_nonfinite_steps_in_a_row: int = 5
+    # SigLIP initial temperature exp(t') and bias (the paper: t' = log 10, b = -10).
+    siglip_temperature_init: float = 10.0
+    siglip_bias_init: float = -10.0
 
     def __post_init__(self) -> None:
-        _check_choice("loss.kind", self.kind, ("clip",))
+        _check_choice("loss.kind", self.kind, LOSS_KINDS)
+        _check_choice("loss.accumulation", self.accumulation, ACCUMULATION_MODES)
+        _check(
+            self.max_nonfinite_steps_in_a_row >= 1,
+            f"loss.max_nonfinite_steps_in_a_row={self.max_nonfinite_steps_in_a_row} must be >= 1",
+        )
+        _check(
+            0.0 < self.siglip_temperature_init <= 100.0,
+            f"loss.siglip_temperature_init={self.siglip_temperature_init} must be in (0, 100] "
+            "(the model clamps the temperature at 100)",
+        )
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation inside the training loop (every N samples and at the end of each stage)."""
+
+    # Labelled shards (a "cls" per sample) or an ImageFolder root; "synthetic" generates the tiny
+    # recipe's held-out shapes; "" turns zero-shot evaluation off.
+    zeroshot_data: str = ""
+    classnames: str = ""  # file with one class name per line; "" = ImageNet-1k (or synthetic)
+    templates: str = ""  # file with one prompt template per line ("{}" = class name)
+    retrieval_data: str = ""  # captioned shards for image-text retrieval; "" = off
+    every_samples: int = 0  # 0: only at the end of each stage
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.every_samples >= 0, f"eval.every_samples={self.every_samples} must be >= 0")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -221,6 +255,29 @@ class StageConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """When to checkpoint, how many to keep, where a run starts from (see clipa_ds/checkpoint.py)."""
+
+    every_samples: int = 0  # global samples between checkpoints inside a stage; 0 = off
+    every_minutes: float = 0.0  # wall-clock minutes between checkpoints (rank 0's clock); 0 = off
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted; 0 = keep all
+    # The first stage starts from these weights instead of a random init: a .safetensors file,
+    # a clipa-ds run directory (its last finished stage, else its latest checkpoint), or an
+    # open_clip export directory of clipa-ds. Text positions are interpolated when lengths differ.
+    init_from: str = ""
+    # fsspec URL (s3://bucket/run) that every finished checkpoint and stage is copied to; a new
+    # machine with an empty run.dir resumes from there. Set automatically when run.dir is remote.
+    sync_to: str = ""
+    # Local staging directory when run.dir is an object-store URL ("" = a directory under $TMPDIR).
+    local_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.every_samples >= 0, f"checkpoint.every_samples={self.every_samples} must be >= 0 (0 = off)")
+        _check(self.every_minutes >= 0, f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 = off)")
+        _check(self.keep_last >= 0, f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 = keep all)")
+
+
+@dataclass(kw_only=True)
 class Config:
     recipe: str = ""
     run: RunConfig = field(default_factory=RunConfig)
@@ -229,6 +286,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "the config has no stages; a recipe must list at least one")
@@ -244,6 +303,13 @@ class Config:
                     f"stage {stage.name!r}: {key}={size} is not a multiple of the patch size {patch} "
                     f"of model {self.model.variant!r}; use e.g. {max(patch, size // patch * patch)}",
                 )
+            from clipa_ds.reduce.image import validate_image_mask
+
+            grid = stage.image.size // patch
+            try:
+                validate_image_mask(stage.image.mask, stage.image.mask_ratio, grid, grid)
+            except ConfigError as err:
+                raise ConfigError(f"stage {stage.name!r}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,146 +318,8 @@ class Config:
         """Stable hash of the config (or of selected dotted sections)."""
         data = self.to_dict()
         if keys is not None:
-            data = {k: _get_dotted(data, k) for k in keys}
+            data = {k: get_dotted(data, k) for k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _get_dotted(data: Any, key: str) -> Any:
-    for part in key.split("."):
-        data = data[int(part)] if isinstance(data, list) else data[part]
-    return data
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert `value` to the annotated type `tp`, or raise a ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), f"{key} must be a mapping of fields of {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        _check(isinstance(value, bool), f"{key}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, str):
-            try:
-                value = float(value.replace("_", "")) if any(c in value for c in ".eE") else int(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be an integer") from None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key}={value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be a number") from None
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a number")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a string")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, refusing unknown keys."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    where = f"{prefix}." if prefix else ""
-    if unknown:
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]}; allowed keys here: {', '.join(sorted(fields))}"
-        )
-    kwargs = {name: _coerce(value, hints[name], f"{where}{name}") for name, value in data.items()}
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"missing required key {where}{missing[0]}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}: {err}" if prefix and not str(err).startswith(prefix) else str(err)) from None
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=c` -> ("a.b", parsed c). Values are parsed as YAML scalars/lists (1e-3, true, [1,2])."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value (for example run.dir=/tmp/run)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    _check(bool(key), f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set `key` (dotted; stage lists accept an index or a stage name) in the recipe dict."""
-    parts = key.split(".")
-    node: Any = data
-    path = []
-    for part in parts[:-1]:
-        path.append(part)
-        if isinstance(node, list):
-            node = _list_item(node, part, ".".join(path))
-        else:
-            _check(isinstance(node, dict), f"cannot set {key}: {'.'.join(path[:-1])} is not a section")
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        index = _list_index(node, last, key)
-        node[index] = value
-    else:
-        node[last] = value
-
-
-def _list_index(items: list[Any], part: str, key: str) -> int:
-    if part.isdigit():
-        index = int(part)
-        _check(index < len(items), f"{key}: index {index} is out of range (there are {len(items)})")
-        return index
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    _check(part in names, f"{key}: no stage named {part!r}; stages are {names}")
-    return names.index(part)
-
-
-def _list_item(items: list[Any], part: str, key: str) -> Any:
-    return items[_list_index(items, part, key)]
 
 
 def load_config(recipe: str, overrides: typing.Sequence[str] = ()) -> Config:

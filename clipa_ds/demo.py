@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_size = last.image.eval_size or last.image.size
     model = build_clip(cfg.model.variant, last.text.context_length)
     model.load_state_dict(results[-1].weights)
-    save_eval_bundle(model, cfg.model.variant, last.text.context_length, eval_size, out / "run" / "export")
+    label_set = make_label_set(CLASS_NAMES, PROMPTS, source="synthetic shapes")
+    # The bundle carries the label set, so `clipa-ds eval demo_out/run` reproduces this top-1.
+    save_eval_bundle(model, cfg.model.variant, last.text.context_length, eval_size, out / "run" / "export", label_set=label_set)
     zeroshot = run_zeroshot(
         model, eval_urls, tokenizer=CaptionTokenizer(), image_size=eval_size, device="cpu",
-        batch_size=256, label_set=make_label_set(CLASS_NAMES, PROMPTS, source="synthetic shapes"),
+        batch_size=256, label_set=label_set,
     )
     summary: dict[str, Any] = {
         "zeroshot_top1": round(zeroshot["top1"] / 100.0, 4),

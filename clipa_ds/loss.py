@@ -1,9 +1,10 @@
-"""Distributed CLIP (InfoNCE) loss: local loss against globally gathered features.
+"""Contrastive losses: CLIP InfoNCE (local rows against globally gathered features) and SigLIP.
 
-Each rank scores only its own rows against the features of every rank, gathered *with* gradient
-(`torch.distributed.nn.all_gather` back-propagates through the gather). Rank r's loss is the mean
-over its B local rows; DeepSpeed averages gradients over ranks, so the update equals the gradient
-of the global loss over all W*B pairs. Logits and softmax run in fp32 even if the towers are bf16.
+CLIP: each rank scores only its own rows against the features of every rank, gathered *with*
+gradient (`torch.distributed.nn.all_gather` back-propagates through the gather). Rank r's loss is
+the mean over its B local rows; DeepSpeed averages gradients over ranks, so the update equals the
+gradient of the global loss over all W*B pairs. Logits and softmax run in fp32 even if the towers
+are bf16. SigLIP lives in clipa_ds.siglip (ring exchange; same per-rank convention).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from clipa_ds.siglip import siglip_loss
 
 
 def _world() -> tuple[int, int]:
@@ -43,3 +46,16 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     logits_per_image = scale * image_features @ all_text.T  # (B, W*B)
     logits_per_text = scale * text_features @ all_image.T  # (B, W*B)
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+def contrastive_loss(
+    kind: str, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
+    """This rank's loss of `kind` ("clip" | "siglip"); the mean over ranks is the global-batch loss."""
+    if kind == "clip":
+        return clip_loss(image_features, text_features, logit_scale)
+    if kind == "siglip":
+        if logit_bias is None:
+            raise ValueError("loss.kind='siglip' needs the model's logit_bias (build_clip(logit_bias_init=...))")
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    raise ValueError(f"loss.kind={kind!r} is not valid; choose one of: clip, siglip")

@@ -1,31 +1,30 @@
 """Training entry point: `python -m clipa_ds.train RECIPE [key=value ...]`.
 
 Works as one process, under `torchrun` and under `deepspeed --module`. The loop only sequences
-the components: build stage -> step -> log; each component owns its branches.
+the components: start stage (checkpoint) -> step -> log -> save; each component owns its branches.
+Re-running the same command with the same run.dir resumes where the run stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from clipa_ds.data.synthetic_source import materialize_train_urls
+from clipa_ds.checkpoint import CheckpointError, Preempted, RunCheckpoints, StageStart
+from clipa_ds.checkpoint_state import seed_everything
+from clipa_ds.checkpoint_weights import StateDict, load_into, weights_digest
 from clipa_ds.config import Config, ConfigError, StageConfig, load_config
+from clipa_ds.data.synthetic_source import materialize_train_urls
 from clipa_ds.engine import BatchPlan, DistEnv, batch_plan, build_engine, init_distributed, set_lr
-from clipa_ds.flops import train_flops_per_sample
 from clipa_ds.metrics import MetricsLogger
+from clipa_ds.numerics import NonFiniteLossError, NonFiniteTracker
 from clipa_ds.schedule import lr_at
-from clipa_ds.step import train_step
-
-StateDict = dict[str, torch.Tensor]
+from clipa_ds.step import StepStats, train_step
 
 
 @dataclass
@@ -35,12 +34,6 @@ class StageResult:
     wall_s: float
     final_loss: float
     weights: StateDict = field(repr=False, default_factory=dict)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def stage_tokens(cfg: Config, stage: StageConfig) -> tuple[int, int]:
@@ -53,27 +46,21 @@ def stage_tokens(cfg: Config, stage: StageConfig) -> tuple[int, int]:
     return num_kept(grid * grid, stage.image.mask_ratio), stage.text.context_length
 
 
-def build_stage_model(cfg: Config, stage: StageConfig, previous: StageConfig | None, weights: StateDict | None) -> torch.nn.Module:
-    """Build the model for `stage`; hand over `weights` from the previous stage, reshaped."""
+def build_stage_model(cfg: Config, stage: StageConfig, start: StageStart) -> torch.nn.Module:
+    """The model for `stage`, holding the start weights (text positions interpolated to the stage)."""
     from clipa_ds.models.clip import build_clip
+    from clipa_ds.siglip import siglip_model_kwargs
 
-    def build(context_length: int) -> torch.nn.Module:
-        return build_clip(
-            cfg.model.variant,
-            context_length,
-            grad_checkpointing_vision=cfg.model.grad_checkpointing_vision,
-            grad_checkpointing_text=cfg.model.grad_checkpointing_text,
-        )
-
-    if weights is None:
-        model = build(stage.text.context_length)
-    else:
-        assert previous is not None
-        model = build(previous.text.context_length)
-        model.load_state_dict(weights, strict=True)
-        # Learned text positions are interpolated (e.g. 8 -> 32); the sin-cos image table is
-        # recomputed for the new resolution by the tower itself.
-        model.text.resize_positions(stage.text.context_length)
+    model = build_clip(
+        cfg.model.variant,
+        stage.text.context_length,
+        grad_checkpointing_vision=cfg.model.grad_checkpointing_vision,
+        grad_checkpointing_text=cfg.model.grad_checkpointing_text,
+        **siglip_model_kwargs(cfg.loss),
+    )
+    if start.weights is not None:
+        # The sin-cos image table is recomputed per resolution by the tower; nothing to carry.
+        load_into(model, start.weights, start.source)
     model.visual.set_token_masking(stage.image.mask, stage.image.mask_ratio)
     return model
 
@@ -89,89 +76,145 @@ def full_fp32_state_dict(engine: Any) -> StateDict:
     return out
 
 
-def train_stage(cfg: Config, stage_index: int, dist_env: DistEnv, logger: MetricsLogger, weights: StateDict | None) -> StageResult:
+class LogWindow:
+    """Sums step losses on the device; one host sync per log interval."""
+
+    def __init__(self, cfg: Config, stage: StageConfig, plan: BatchPlan, dist_env: DistEnv, logger: MetricsLogger) -> None:
+        from clipa_ds.flops import train_flops_per_sample
+        from clipa_ds.models.variants import get_variant
+
+        self.cfg, self.stage, self.plan, self.env, self.logger = cfg, stage, plan, dist_env, logger
+        self.image_tokens, self.text_tokens = stage_tokens(cfg, stage)
+        self.flops = train_flops_per_sample(get_variant(cfg.model.variant), self.image_tokens, self.text_tokens).total
+        self.peak = cfg.engine.peak_tflops * 1e12 * dist_env.world_size
+        self.loss_sum = torch.zeros((), device=dist_env.device)
+        self.last_loss = float("nan")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum.zero_()
+        self.start, self.wait, self.steps, self.skipped = time.perf_counter(), 0.0, 0, 0
+
+    def add(self, stats: StepStats) -> None:
+        self.loss_sum += stats.loss_sum
+        self.wait += stats.data_wait_s
+        self.steps += 1
+        self.skipped += int(stats.skipped)
+
+    def flush(self, step: int, engine: Any, loader: Any) -> None:
+        torch.distributed.all_reduce(self.loss_sum)
+        good = max(1, self.steps - self.skipped)
+        self.last_loss = self.loss_sum.item() / (self.env.world_size * self.plan.grad_accum * good)
+        elapsed = time.perf_counter() - self.start
+        samples_per_s = self.steps * self.plan.global_batch / elapsed
+        self.logger.log({
+            "stage": self.stage.name,
+            "step": step,
+            "samples_seen": step * self.plan.global_batch,
+            "loss": self.last_loss,
+            "lr": engine.optimizer.param_groups[0]["lr"],
+            "logit_scale": float(engine.module.last_logit_scale),
+            "samples_per_s": samples_per_s,
+            "mfu": samples_per_s * self.flops / self.peak,
+            "data_wait_frac": self.wait / elapsed,
+            "skipped_steps": self.skipped,
+            "image_tokens": self.image_tokens,
+            "text_tokens": self.text_tokens,
+            **{f"data/{k}": v for k, v in loader.counters().items()},
+        })
+        eta = (self.stage.steps - step) * self.plan.global_batch / samples_per_s
+        self.logger.progress(self.stage.name, step, self.stage.steps, self.last_loss, samples_per_s, eta)
+        self._reset()
+
+
+def train_stage(cfg: Config, stage_index: int, dist_env: DistEnv, logger: MetricsLogger, ckpt: RunCheckpoints) -> StageResult:
     from clipa_ds.data.pipeline import build_train_loader
     from clipa_ds.data.tokenizer import CaptionTokenizer
-    from clipa_ds.models.variants import get_variant
     from clipa_ds.task import CLIPTask
 
     stage = cfg.stages[stage_index]
-    previous = cfg.stages[stage_index - 1] if stage_index > 0 else None
     plan: BatchPlan = batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
+    start = ckpt.start_stage(stage_index)
+    # Seeded before the model is built: a fresh stage's init is the same on every restart.
     seed_everything(cfg.run.seed + 1000 * stage_index + dist_env.rank)
-
-    model = build_stage_model(cfg, stage, previous, weights)
-    engine = build_engine(CLIPTask(model), cfg.engine, plan, stage.optim, dist_env.device)
+    model = build_stage_model(cfg, stage, start)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.log({
+        "event": "stage_start", "stage": stage.name, "init": start.source,
+        "init_digest": weights_digest(model.state_dict()) if start.weights is not None and dist_env.rank == 0 else "",
+        "text_context_length": stage.text.context_length, "world_size": dist_env.world_size,
+    })
+    engine = build_engine(CLIPTask(model, cfg.loss), start.engine, plan, stage.optim, dist_env.device)
+    restored = ckpt.restore(engine, start) if start.resume is not None else None
     loader = build_train_loader(
         cfg.data, stage, stage_index=stage_index, rank=dist_env.rank, world_size=dist_env.world_size,
         seed=cfg.run.seed, micro_batch=plan.micro_batch, tokenizer=CaptionTokenizer(),
+        state=restored.loader_state if restored else None,
     )
-    image_tokens, text_tokens = stage_tokens(cfg, stage)
-    flops = train_flops_per_sample(get_variant(cfg.model.variant), image_tokens, text_tokens).total
-    peak = cfg.engine.peak_tflops * 1e12 * dist_env.world_size
-
+    tracker = NonFiniteTracker(cfg.loss.max_nonfinite_steps_in_a_row)
+    if restored and restored.nonfinite:
+        tracker.load_state_dict(restored.nonfinite)
+    first_step = restored.samples_seen // plan.global_batch if restored else 0
+    trigger = ckpt.trigger(first_step * plan.global_batch)
+    window = LogWindow(cfg, stage, plan, dist_env, logger)
     batches = iter(loader)
-    loss_sum = torch.zeros((), device=dist_env.device)
-    window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
-    stage_start = time.perf_counter()
-    last_loss = float("nan")
-    for step in range(stage.steps):
-        samples_seen = step * plan.global_batch
-        set_lr(engine, lr_at(samples_seen, stage.optim, stage.samples))
-        stats = train_step(engine, batches, plan, dist_env.device)
-        loss_sum += stats.loss_sum
-        window_wait += stats.data_wait_s
-        window_samples += plan.global_batch
-        if (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == stage.steps:
-            # The only host sync of the loop: once per log interval.
-            torch.distributed.all_reduce(loss_sum)
-            window_steps = window_samples // plan.global_batch
-            last_loss = loss_sum.item() / (dist_env.world_size * plan.grad_accum * window_steps)
-            elapsed = time.perf_counter() - window_start
-            samples_per_s = window_samples / elapsed
-            record = {
-                "stage": stage.name,
-                "step": step + 1,
-                "samples_seen": (step + 1) * plan.global_batch,
-                "loss": last_loss,
-                "lr": engine.optimizer.param_groups[0]["lr"],
-                "logit_scale": float(engine.module.last_logit_scale),
-                "samples_per_s": samples_per_s,
-                "mfu": samples_per_s * flops / peak,
-                "data_wait_frac": window_wait / elapsed,
-                "image_tokens": image_tokens,
-                "text_tokens": text_tokens,
-                **{f"data/{k}": v for k, v in loader.counters().items()},
-            }
-            logger.log(record)
-            eta = (stage.steps - step - 1) * plan.global_batch / samples_per_s
-            logger.progress(stage.name, step + 1, stage.steps, last_loss, samples_per_s, eta)
-            loss_sum.zero_()
-            window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
-    wall_s = time.perf_counter() - stage_start
+    stage_start, stop_signal = time.perf_counter(), 0
+    for step in range(first_step, stage.steps):
+        lr = lr_at(step * plan.global_batch, stage.optim, stage.samples)
+        set_lr(engine, lr)
+        stats = train_step(engine, batches, plan, dist_env.device, loss=cfg.loss)
+        tracker.update(stats.skipped)
+        if tracker.exhausted:
+            raise NonFiniteLossError(tracker.message(step + 1))
+        window.add(stats)
+        final = step + 1 == stage.steps
+        if (step + 1) % cfg.run.log_every_steps == 0 or final:
+            window.flush(step + 1, engine, loader)
+        decision = trigger.poll((step + 1) * plan.global_batch, final_step=final)
+        if decision.save:
+            ckpt.save(
+                engine, loader, stage_index, (step + 1) * plan.global_batch,
+                lr=lr, nonfinite=tracker.state_dict(), num_params=num_params,
+            )
+            trigger.saved((step + 1) * plan.global_batch)
+        if decision.stop_signal and not final:
+            raise Preempted(decision.stop_signal)
+        stop_signal = decision.stop_signal
     weights = full_fp32_state_dict(engine)
-    return StageResult(stage.name, stage.steps * plan.global_batch, wall_s, last_loss, weights)
+    wall_s = time.perf_counter() - stage_start
+    ckpt.finish_stage(stage_index, weights, {"samples": stage.steps * plan.global_batch, "final_loss": window.last_loss, "wall_s": wall_s})
+    loader.close()
+    if stop_signal:
+        raise Preempted(stop_signal)
+    return StageResult(stage.name, stage.steps * plan.global_batch, wall_s, window.last_loss, weights)
 
 
 def run(cfg: Config) -> list[StageResult]:
-    """Train every stage of `cfg` in order, handing the weights from one stage to the next."""
+    """Train every stage of `cfg` in order, resuming from run.dir and handing weights between stages."""
     dist_env = init_distributed()
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, train_urls=materialize_train_urls(cfg.data.train_urls, cfg.run.dir, dist_env.rank))
     )
     for stage in cfg.stages:  # fail on batch arithmetic before any work
         batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
-    run_dir = Path(cfg.run.dir)
-    logger = MetricsLogger(run_dir, dist_env.rank, cfg.run.tensorboard)
+    ckpt = RunCheckpoints(cfg, dist_env.rank, dist_env.world_size, dist_env.local_rank)
     results: list[StageResult] = []
-    weights: StateDict | None = None
     try:
-        for stage_index in range(len(cfg.stages)):
-            result = train_stage(cfg, stage_index, dist_env, logger, weights)
-            weights = result.weights
-            results.append(result)
+        ckpt.prepare()
+        logger = MetricsLogger(ckpt.layout.root, dist_env.rank, cfg.run.tensorboard)
+        try:
+            for stage_index in range(len(cfg.stages)):
+                if ckpt.stage_done(stage_index):
+                    info = ckpt.final_info(stage_index)
+                    results.append(StageResult(info["stage"], info["samples"], info["wall_s"], info["final_loss"]))
+                    continue
+                results.append(train_stage(cfg, stage_index, dist_env, logger, ckpt))
+        finally:
+            logger.close()
+        if results and not results[-1].weights:  # the run was already finished
+            results[-1].weights = ckpt.final_weights(len(cfg.stages) - 1)
     finally:
-        logger.close()
+        ckpt.close()
     return results
 
 
@@ -187,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"clipa-ds: configuration error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteLossError) as err:
+        print(f"clipa-ds: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stop:
+        print(f"clipa-ds: {stop}; run the same command again to resume", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

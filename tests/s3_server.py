@@ -229,6 +229,10 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @staticmethod
+    def free_port() -> int:
+        return _free_ports(1)[0]
+
     def script(self, modes: list[str], default: str | None = None) -> None:
         with self._lock:
             self._script = list(modes)

@@ -57,14 +57,10 @@ def test_reader_matches_tarfile_including_long_names(tmp_path: Path) -> None:
         (f"{long_dir}/a", {"jpg": b"1", "txt": b"22"}), ("b", {"seg.jpg": b"333"}),
     ]
     # Resuming from a sample's byte offset yields the rest.
-    rest = list(iter_samples(open(path, "rb").__enter__() if False else _seek(path, samples[0].end), samples[0].end))
-    assert [s.key for s in rest] == ["b"]
-
-
-def _seek(path: Path, offset: int) -> io.BufferedReader:
-    handle = open(path, "rb")
-    handle.seek(offset)
-    return handle
+    with open(path, "rb") as handle:
+        handle.seek(samples[0].end)
+        rest = list(iter_samples(handle, samples[0].end))
+    assert [s.key for s in rest] == ["b"] and rest[0].offset == samples[0].end
 
 
 def test_corrupt_header_raises_where_tarfile_stops_silently() -> None:
@@ -162,3 +158,17 @@ def test_too_many_failing_shards_stop_with_a_clear_error(tmp_path: Path) -> None
     (tmp_path / "vanished.tar").unlink()
     with pytest.raises(DataError, match=r"max_failed_shard_frac=0.0.*vanished.tar.*FileNotFoundError"):
         list(itertools.islice(it, 100))
+
+
+def test_a_dataset_without_usable_samples_stops_instead_of_spinning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clipa_ds.data.reader as reader
+
+    monkeypatch.setattr(reader, "MAX_BAD_STREAK", 30)
+    (tmp_path / "nocaptions.tar").write_bytes(tar(*(member(f"n{i}.jpg", render_sample(RNG, 32)[0]) for i in range(8))))
+    cfg = DataConfig(train_urls=str(tmp_path / "nocaptions.tar"), workers=0, shuffle_buffer=4)
+    it = build_train_loader(cfg, STAGE, stage_index=0, rank=0, world_size=1, seed=0, micro_batch=1,
+                            tokenizer=CaptionTokenizer())
+    with pytest.raises(DataError, match="30 consecutive samples were unusable.*missing_caption"):
+        next(it)

@@ -152,36 +152,47 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::clipa_ds.evaluate.labels.DuplicateClassNamesWarning")
 def test_cli_reports_the_same_numbers_as_the_in_process_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_synthetic_eval(tmp_path / "data", num_samples=21, image_size=40, seed=1)[0]
-    names = tmp_path / "names.txt"
-    names.write_text("\n".join(CLASS_NAMES) + "\n")
-    templates = tmp_path / "templates.txt"
-    templates.write_text("a photo of a {}.\na {} shape.\n")
+    label_set = make_label_set(CLASS_NAMES, ["a photo of a {}.", "a {} shape."])
     model = _tiny_clip(16)
-    save_eval_bundle(model, "tiny", 16, 32, tmp_path / "run" / "export")
+    # The bundle carries the label set, so `clipa-ds eval RUN_DIR` needs no label files.
+    save_eval_bundle(model, "tiny", 16, 32, tmp_path / "run" / "export", label_set=label_set)
     tokenizer = CaptionTokenizer()
     expected_z = run_zeroshot(
-        model, source, tokenizer=tokenizer, image_size=32, device="cpu", batch_size=16,
-        label_set=make_label_set(CLASS_NAMES, ["a photo of a {}.", "a {} shape."]),
+        model, source, tokenizer=tokenizer, image_size=32, device="cpu", batch_size=16, label_set=label_set
     )
     expected_r = run_retrieval(model, source, tokenizer=tokenizer, image_size=32, device="cpu", batch_size=16)
 
-    done = _cli(str(tmp_path / "run"), "--task", "zeroshot", "--data", source, "--classnames", str(names),
-                "--templates", str(templates), "--batch-size", "16", "--device", "cpu")
+    done = _cli(str(tmp_path / "run"), "--task", "zeroshot", "--data", source, "--batch-size", "16", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["top1"] == expected_z["top1"] and summary["top5"] == expected_z["top5"]
-    assert summary["samples"] == 21 and summary["image_size"] == 32
+    assert summary["samples"] == 21 and summary["classes"] == 8 and summary["image_size"] == 32
 
-    # The same entry point in-process (saves interpreter start-ups): retrieval, then bad input.
+    # The same entry point in-process (saves interpreter start-ups): explicit label files ...
+    names, templates = tmp_path / "names.txt", tmp_path / "templates.txt"
+    names.write_text("\n".join(CLASS_NAMES) + "\n")
+    templates.write_text("a photo of a {}.\n")
+    args = [str(tmp_path / "run" / "export"), "--task", "zeroshot", "--data", source, "--device", "cpu"]
+    assert cli_main([*args, "--classnames", str(names), "--templates", str(templates)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one_template = run_zeroshot(
+        model, source, tokenizer=tokenizer, image_size=32, device="cpu",
+        label_set=make_label_set(CLASS_NAMES, ["a photo of a {}."]),
+    )
+    assert summary["top1"] == one_template["top1"] and summary["top5"] == one_template["top5"]
+
+    # ... retrieval ...
     assert cli_main([str(tmp_path / "run"), "--task", "retrieval", "--data", source, "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: summary[k] for k in expected_r if "R@" in k} == {k: v for k, v in expected_r.items() if "R@" in k}
     assert summary["images"] == 21 and summary["captions"] == 21
 
+    # ... and bad input: a clear message and exit code 2, no traceback.
     assert cli_main([str(tmp_path / "run"), "--task", "zeroshot", "--data", str(tmp_path / "nowhere")]) == 2
     assert "neither .tar shards nor a directory" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "nothing"), "--task", "zeroshot", "--data", source]) == 2
     assert "holds no eval bundle" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "run"), "--task", "zeroshot", "--data", str(tmp_path / "missing-{0..1}.tar")]) == 2
+    assert "missing-0.tar" in capsys.readouterr().err

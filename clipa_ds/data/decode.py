@@ -79,7 +79,7 @@ def decode_image(
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         if image.mode != "RGB":
             image = image.convert("RGB")
-        out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
         return np.asarray(out, dtype=np.uint8)  # (S, S, 3)
     except Image.DecompressionBombError as err:
         raise BadSample("oversized_image", str(err)) from None

@@ -118,8 +118,9 @@ def merge_loader_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     merged = {k: states[0][k] for k in ("version", "seed", "stage_index", "num_readers")}
     merged["readers"] = {}
     merged["next_worker"] = {}
+    identity = ("seed", "stage_index", "num_readers")
     for s in states:
-        if (s["seed"], s["stage_index"], s["num_readers"]) != (merged["seed"], merged["stage_index"], merged["num_readers"]):
+        if any(s[k] != merged[k] for k in identity):
             raise ValueError("loader states come from different runs, stages or layouts")
         merged["readers"].update(s["readers"])
         merged["next_worker"].update(s["next_worker"])

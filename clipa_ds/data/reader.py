@@ -40,6 +40,7 @@ DECODE_COUNTERS = (
     "samples_ok", "bad_image", "oversized_image", "missing_image", "missing_caption", "bad_text",
 )
 COUNTERS = READ_COUNTERS + DECODE_COUNTERS
+MAX_BAD_STREAK = 20_000
 
 
 class DataError(RuntimeError):
@@ -68,6 +69,12 @@ class ReaderContext:
     max_failed_shard_frac: float
     num_readers: int
     with_keys: bool = False
+
+
+def sample_seed(seed: int, stage_index: int, draw: int, index: int) -> int:
+    """Distinct integer seed per sample (an int seeds random.Random ~5x faster than a str)."""
+    return (((seed & 0xFFFFFFFF) << 96) | ((stage_index & 0xFFFF) << 80) | ((draw & 0xFFFFFFFFFF) << 40)
+            | (index & 0xFFFFFFFFFF))
 
 
 def initial_position(reader_id: int, num_readers: int) -> dict[str, Any]:
@@ -194,8 +201,9 @@ class Reader:
         images: list[np.ndarray] = []
         texts: list[list[int]] = []
         keys: list[tuple[str, int]] = []
+        bad_streak = 0  # consecutive unusable samples: a dataset with none usable must not spin forever
         for draw, index, sample in self._blocks():
-            rng = random.Random(f"sample/{ctx.seed}/{ctx.stage_index}/{draw}/{index}")
+            rng = random.Random(sample_seed(ctx.seed, ctx.stage_index, draw, index))
             try:
                 caption = decode_caption(sample.files)
                 image = decode_image(
@@ -204,7 +212,14 @@ class Reader:
                 )
             except BadSample as bad:
                 self.counters[bad.reason] += 1
+                bad_streak += 1
+                if bad_streak >= MAX_BAD_STREAK:
+                    raise DataError(
+                        f"{bad_streak} consecutive samples were unusable on reader {self.reader_id} "
+                        f"(last: {bad}, shard {ctx.plan.url(draw)}); counters: {self.counters}"
+                    ) from None
                 continue
+            bad_streak = 0
             self.counters["samples_ok"] += 1
             images.append(image)
             texts.append(ctx.tokenizer.encode(caption, ctx.context_length, ctx.text_strategy, rng))

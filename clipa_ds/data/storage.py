@@ -11,6 +11,7 @@ loop must not be shared across a fork) and cached by settings.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -154,3 +155,45 @@ def size_of(url: str, settings: StorageSettings) -> int:
         return os.path.getsize(strip_protocol(url))
     info = filesystem(url, settings).info(url)
     return int(info.get("size") or 0)
+
+
+def register_webdataset_opener(settings: StorageSettings, policy: Any = None) -> None:
+    """Make webdataset open s3:// gs:// http(s):// URLs through fsspec (with our timeouts and
+    retrying reads) instead of its curl/gsutil subprocess pipes, e.g. for evaluation code
+    that uses `webdataset.WebDataset(url)`. The training loader does not need this."""
+    import sys
+
+    import webdataset  # noqa: F401 (loads the gopen module)
+
+    from clipa_ds.data.shards import RetryingStream, RetryPolicy
+
+    gopen = sys.modules["webdataset.gopen"]
+    retry = policy or RetryPolicy()
+
+    def opener(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
+        if mode != "rb":
+            return filesystem(url, settings).open(url, mode)
+        stream = RetryingStream(url, 0, lambda u, o: open_at(u, o, settings), retry)
+        return io.BufferedReader(_RawAdapter(stream), buffer_size=max(bufsize, 1 << 20))  # type: ignore[arg-type]
+
+    for scheme in ("s3", "s3a", "gs", "gcs", "http", "https"):
+        gopen.gopen_schemes[scheme] = opener
+
+
+class _RawAdapter(io.RawIOBase):
+    """io.RawIOBase over a `read(n)` object, so it can sit under a BufferedReader."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()

@@ -39,7 +39,7 @@ _TEMPLATES = (
     "a {colour} {shape}",
     "a {size} {colour} {shape}",
     "a photo of a {colour} {shape}",
-    "a photo of a {size} {colour} {shape} at the {position}",
+    "a {size} {colour} {shape} in a photo, at the {position}",
     "a {colour} {shape} on a {background} background",
     "{colour} {shape} at the {position}",
     "a picture of a {colour} {shape} in the {position} of the image",

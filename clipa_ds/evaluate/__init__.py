@@ -4,7 +4,8 @@ Entry points (call on every rank; they run collectives when a process group is i
 - `run_zeroshot(model, data, *, tokenizer, image_size, device, ...)` -> {"top1", "top5", ...}
 - `run_retrieval(model, data, *, tokenizer, image_size, device, ...)` -> {"image_to_text_R@1", ...}
 - `load_label_set(classnames_path, templates_path)`; `imagenet_label_set()`
-- `save_eval_bundle(model, variant, context_length, image_size, dir)` / `load_eval_bundle(dir)`
+- `save_eval_bundle(model, variant, context_length, image_size, dir, label_set=None)` /
+  `load_eval_bundle(dir)` -> (model, context_length, image_size)
 The `clipa-ds eval` subcommand is `clipa_ds.evaluate.cli.main(argv)`.
 """
 

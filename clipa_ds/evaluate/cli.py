@@ -6,6 +6,8 @@ MODEL is an eval bundle directory (or a run directory holding one in `export/`),
     DIR/model.safetensors   the CLIP weights (safetensors.torch.save_model)
     DIR/model_config.json   {"format": "clipa-ds-eval-bundle", "version": 1,
                              "variant": str, "context_length": int, "image_size": int}
+    DIR/classnames.txt      optional: the label set the model is evaluated with; used when
+    DIR/templates.txt       --classnames / --templates are not given
 
 Runs on one process, or on every rank under torchrun (NCCL on GPU, gloo on CPU); rank 0 prints.
 """
@@ -26,18 +28,30 @@ from torch import nn
 from clipa_ds.config import ConfigError
 from clipa_ds.data.shards import ShardFailed
 from clipa_ds.evaluate.datasets import EvalDataError
+from clipa_ds.evaluate.labels import LabelSet
 from clipa_ds.evaluate.metrics import PeerRankError
 
 BUNDLE_FORMAT = "clipa-ds-eval-bundle"
 BUNDLE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "templates.txt"
 
 
 def save_eval_bundle(
-    model: nn.Module, variant: str, context_length: int, image_size: int, directory: str | Path
+    model: nn.Module,
+    variant: str,
+    context_length: int,
+    image_size: int,
+    directory: str | Path,
+    label_set: LabelSet | None = None,
 ) -> Path:
-    """Write `model` (a CLIP from build_clip, full weights on this process) as an eval bundle."""
+    """Write `model` (a CLIP from build_clip, full weights on this process) as an eval bundle.
+
+    With `label_set`, its class names and templates are stored too and become the defaults of
+    `clipa-ds eval DIR --task zeroshot`.
+    """
     from safetensors.torch import save_model
 
     directory = Path(directory)
@@ -51,6 +65,9 @@ def save_eval_bundle(
         "image_size": int(image_size),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if label_set is not None:
+        (directory / CLASSNAMES_FILE).write_text("\n".join(label_set.classnames) + "\n", encoding="utf-8")
+        (directory / TEMPLATES_FILE).write_text("\n".join(label_set.templates) + "\n", encoding="utf-8")
     return directory
 
 
@@ -104,9 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", required=True, help="shard URL(s) ('a-{000..009}.tar', '::'-joined) or an ImageFolder root"
     )
-    parser.add_argument("--classnames", default=None, help="class names, one per line (default: ImageNet-1k)")
     parser.add_argument(
-        "--templates", default=None, help="prompt templates with '{}', one per line (default: OpenAI's 80)"
+        "--classnames", default=None, help="class names, one per line (default: the bundle's, else ImageNet-1k)"
+    )
+    parser.add_argument(
+        "--templates", default=None, help="prompt templates with '{}', one per line (default: the bundle's, else OpenAI's 80)"
     )
     parser.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the model's)")
     parser.add_argument("--context-length", type=int, default=0, help="prompt tokens (default: the model's)")
@@ -116,17 +135,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _init_distributed(device_arg: str) -> torch.device:
-    """Join the torchrun group if launched by torchrun; return this rank's device."""
+def _init_distributed(device_arg: str) -> tuple[torch.device, bool]:
+    """Join the torchrun group if launched by torchrun -> (this rank's device, whether we joined)."""
     use_cuda = device_arg.startswith("cuda") or (not device_arg and torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
+    joined = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        joined = True
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        return torch.device("cuda", local_rank), joined
+    return torch.device("cpu"), joined
+
+
+def _label_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """--classnames / --templates, else the bundle's own files, else None (ImageNet defaults)."""
+    bundle = find_bundle(args.model)
+
+    def pick(given: str | None, name: str) -> str | None:
+        if given is not None or bundle is None or not (bundle / name).is_file():
+            return given
+        return str(bundle / name)
+
+    return pick(args.classnames, CLASSNAMES_FILE), pick(args.templates, TEMPLATES_FILE)
 
 
 def evaluate(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -137,6 +169,7 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     model, context_length, image_size = load_model(args.model)
     model = model.to(device)
+    classnames, templates = _label_files(args)
     common: dict[str, Any] = {
         "tokenizer": CaptionTokenizer(),
         "image_size": args.image_size or image_size,
@@ -146,7 +179,7 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "workers": args.workers,
     }
     if args.task == "zeroshot":
-        label_set = load_label_set(args.classnames, args.templates)
+        label_set = load_label_set(classnames, templates)
         summary = run_zeroshot(model, args.data, label_set=label_set, **common)
     else:
         summary = run_retrieval(model, args.data, **common)
@@ -156,14 +189,14 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    device = _init_distributed(args.device)
+    device, joined = _init_distributed(args.device)
     try:
         summary = evaluate(args, device)
     except (ConfigError, EvalDataError, FileNotFoundError, PeerRankError, ShardFailed) as exc:
         print(f"clipa-ds eval: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if joined:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)

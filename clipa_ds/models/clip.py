@@ -16,6 +16,22 @@ LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
+class LogitBias(nn.Module):
+    """SigLIP's learnable logit bias (only built for the sigmoid loss).
+
+    A module, not a bare parameter, so that calling it runs ZeRO-3's pre-forward hook (which
+    gathers the parameter) whatever the persistence threshold; it returns a fresh fp32 tensor,
+    never a view of a parameter that ZeRO-3 may release after the call.
+    """
+
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self) -> torch.Tensor:
+        return self.bias.to(torch.float32, copy=True).squeeze(0)  # ()
+
+
 class CLIP(nn.Module):
     def __init__(
         self,
@@ -24,6 +40,8 @@ class CLIP(nn.Module):
         *,
         grad_checkpointing_vision: bool = False,
         grad_checkpointing_text: bool = False,
+        logit_scale_init: float = LOGIT_SCALE_INIT,
+        logit_bias_init: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -31,7 +49,9 @@ class CLIP(nn.Module):
         self.text = TextTower(spec, context_length, grad_checkpointing=grad_checkpointing_text)
         # Shape (1,) rather than a 0-dim scalar: ZeRO-3 partitions/flattens parameters and
         # 1-element tensors are the safe common case.
-        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.logit_scale = nn.Parameter(torch.full((1,), float(logit_scale_init)))
+        # SigLIP only (see clipa_ds.siglip.siglip_model_kwargs); None keeps CLIP checkpoints as they were.
+        self.logit_bias = LogitBias(logit_bias_init) if logit_bias_init is not None else None
 
     def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return F.normalize(self.visual(images, generator=generator), dim=-1)  # (B, E)
@@ -60,13 +80,20 @@ def build_clip(
     *,
     grad_checkpointing_vision: bool = False,
     grad_checkpointing_text: bool = False,
+    logit_scale_init: float = LOGIT_SCALE_INIT,
+    logit_bias_init: float | None = None,
 ) -> CLIP:
-    """Build a CLIPA model. Wrap in `with torch.device("meta"):` to size big variants for free."""
+    """Build a CLIPA model. Wrap in `with torch.device("meta"):` to size big variants for free.
+
+    `logit_scale_init` is log(temperature); `logit_bias_init` adds SigLIP's learnable bias.
+    """
     return CLIP(
         get_variant(variant),
         context_length,
         grad_checkpointing_vision=grad_checkpointing_vision,
         grad_checkpointing_text=grad_checkpointing_text,
+        logit_scale_init=logit_scale_init,
+        logit_bias_init=logit_bias_init,
     )
 
 
