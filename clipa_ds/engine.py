@@ -93,17 +93,19 @@ def init_distributed() -> DistEnv:
 # ----------------------------------------------------------------------------- DeepSpeed config
 
 
-def _ds_config_dir() -> Path:
-    """ds_configs/ ships inside the wheel as clipa_ds.ds_configs; in a source tree it is top-level."""
+def read_ds_config(name: str) -> dict[str, Any]:
+    """A ds_configs/ JSON file: shipped in the wheel as clipa_ds.ds_configs, top-level in a checkout."""
     try:
-        return Path(str(resources.files("clipa_ds.ds_configs")))
+        resource: Any = resources.files("clipa_ds.ds_configs").joinpath(name)
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "ds_configs"
+        resource = Path(__file__).resolve().parent.parent / "ds_configs" / name
+    if not resource.is_file():
+        raise ConfigError(f"DeepSpeed config {name} is not shipped with clipa-ds; check engine.zero_stage")
+    return json.loads(resource.read_text())
 
 
 def build_ds_config(engine: EngineConfig, plan: BatchPlan, optim: OptimConfig) -> dict[str, Any]:
-    path = _ds_config_dir() / f"zero{engine.zero_stage}.json"
-    config: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_ds_config(f"zero{engine.zero_stage}.json") if engine.zero_stage > 0 else {}
     config.setdefault("zero_optimization", {})["stage"] = engine.zero_stage
     if engine.ds_config_overrides:
         config = _deep_merge(config, json.loads(Path(engine.ds_config_overrides).read_text()))
