@@ -1,11 +1,11 @@
 """Loader throughput per CPU core: fast (DCT-scaled JPEG decode) vs naive (full decode + resize).
 
 Builds local webdataset shards from the real photographs that scikit-image and scikit-learn
-ship (random crops re-encoded as 300-512 px JPEGs of about 40 KB, with 10-25-word captions;
-the shorter side is 300-512 px, as img2dataset writes them), then measures the *full* training pipeline (read tar, decode, random-resized crop + resize,
-tokenize with the stage's text strategy, collate into uint8/long tensors) in one process on
-one core (`data.workers=0`, one torch thread), as samples per CPU-second, at 64, 84, 112 and
-224 px. Fast and naive runs
+ship (random crops re-encoded as JPEGs of about 40 KB whose shorter side is 300-512 px, as
+img2dataset writes shards, with 10-25-word captions), then measures the *full* training
+pipeline (read tar, decode, random-resized crop + bicubic resize, tokenize with the stage's
+text strategy, collate into uint8/long tensors) in one process on one core (`data.workers=0`,
+one torch thread), as samples per CPU-second, at 64, 84, 112 and 224 px. Fast and naive runs
 alternate round by round, side by side in one run, and each keeps its best round (other
 processes on a shared machine only ever slow a round down).
 
@@ -84,9 +84,9 @@ def make_jpeg(photo: np.ndarray, rng: random.Random, quality: int) -> bytes:
 def calibrate_quality(photos: list[np.ndarray], target_kb: float = 40.0) -> int:
     """JPEG quality whose mean file size on sample crops is closest to `target_kb`."""
     best, best_err = 85, float("inf")
-    for quality in (70, 75, 80, 85, 90, 93, 95):
+    for quality in range(70, 96, 3):
         rng = random.Random(0)
-        sizes = [len(make_jpeg(photos[i % len(photos)], rng, quality)) for i in range(24)]
+        sizes = [len(make_jpeg(photos[rng.randrange(len(photos))], rng, quality)) for _ in range(32)]
         err = abs(np.mean(sizes) / 1024 - target_kb)
         if err < best_err:
             best, best_err = quality, err

@@ -10,6 +10,7 @@ the proxy closes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -353,3 +354,48 @@ class FaultProxy:
         self._accept_thread.join(timeout=5)
         for thread in self._threads:
             thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- plain HTTP
+
+
+class RangeHTTPServer:
+    """Static files over HTTP on 127.0.0.1 with byte-range support (what fsspec's HTTP needs)."""
+
+    def __init__(self, root: Path) -> None:
+        import functools
+        import http.server
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def send_head(self) -> Any:
+                header = self.headers.get("Range", "")
+                path = Path(self.translate_path(self.path))
+                if not header.startswith("bytes=") or not path.is_file():
+                    return super().send_head()
+                size = path.stat().st_size
+                first, _, last = header[len("bytes="):].partition("-")
+                start, end = int(first or 0), min(int(last) if last else size - 1, size - 1)
+                handle = open(path, "rb")  # noqa: SIM115 (closed by copyfile's caller)
+                handle.seek(start)
+                self.send_response(206)
+                self.send_header("Content-Type", "application/x-tar")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                return io.BytesIO(handle.read(end - start + 1))
+
+        self._server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -180,3 +180,18 @@ def test_missing_or_empty_shards_fail_before_training(tmp_path: Path, tokenizer:
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(ConfigError, match="empty.tar"):
         loader(DataConfig(train_urls=str(tmp_path / "empty.tar")), tokenizer)
+
+
+def test_http_shards_give_the_same_stream_as_local(shard_dir: Path, tokenizer: CaptionTokenizer) -> None:
+    from tests.s3_server import RangeHTTPServer
+
+    server = RangeHTTPServer(shard_dir)
+    try:
+        remote = DataConfig(train_urls=f"{server.endpoint}/train-{{000000..{SHARDS - 1:06d}}}.tar", workers=0,
+                            shuffle_buffer=16, read_timeout_s=5.0)
+        local = DataConfig(train_urls=urls(shard_dir), workers=0, shuffle_buffer=16)
+        assert keys_of(take(loader(remote, tokenizer), 30)) == keys_of(take(loader(local, tokenizer), 30))
+        with pytest.raises(ConfigError, match="missing-0.tar"):
+            loader(DataConfig(train_urls=f"{server.endpoint}/missing-{{0..1}}.tar"), tokenizer)
+    finally:
+        server.close()

@@ -15,7 +15,7 @@ from clipa_ds.data.pipeline import build_train_loader
 from clipa_ds.data.reader import DataError
 from clipa_ds.data.synthetic import write_synthetic_shards
 from clipa_ds.data.tokenizer import CaptionTokenizer
-from tests.s3_server import SECRET_KEY, FaultProxy, SeaweedS3, s3_env, s3_server  # noqa: F401
+from tests.s3_server import SECRET_KEY, FaultProxy, SeaweedS3
 
 SHARDS = 8
 PER_SHARD = 24
@@ -24,7 +24,7 @@ STAGE = StageConfig(name="s", samples=1000, global_batch=16, image=ImageStageCon
 
 
 @pytest.fixture(scope="module")
-def bucket_urls(s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+def bucket_urls(s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> str:
     local = write_synthetic_shards(tmp_path_factory.mktemp("s3src"), num_samples=SHARDS * PER_SHARD,
                                    samples_per_shard=PER_SHARD, image_size=40, seed=11)
     s3_server.upload(local, "clipa-data", "synthetic")
@@ -47,7 +47,7 @@ def keys(batches: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.slow
 def test_two_ranks_two_workers_from_s3_split_and_resume(
-    s3_env: SeaweedS3, bucket_urls: str, tokenizer: CaptionTokenizer  # noqa: F811
+    s3_env: SeaweedS3, bucket_urls: str, tokenizer: CaptionTokenizer
 ) -> None:
     cfg = DataConfig(train_urls=bucket_urls, workers=2, shuffle_buffer=16)
     per_rank = SHARDS * PER_SHARD // 2 // 8
@@ -67,7 +67,7 @@ def test_two_ranks_two_workers_from_s3_split_and_resume(
 
 
 def test_bad_bucket_or_credentials_fail_at_start_without_secrets(
-    s3_env: SeaweedS3, bucket_urls: str, tokenizer: CaptionTokenizer, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    s3_env: SeaweedS3, bucket_urls: str, tokenizer: CaptionTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(ConfigError, match="no-such-bucket/x-0.tar") as err:
         make_loader(DataConfig(train_urls="s3://no-such-bucket/x-{0..3}.tar"), tokenizer)
@@ -80,7 +80,7 @@ def test_bad_bucket_or_credentials_fail_at_start_without_secrets(
 
 
 @pytest.fixture
-def proxy(s3_env: SeaweedS3) -> Any:  # noqa: F811
+def proxy(s3_env: SeaweedS3) -> Any:
     fault = FaultProxy(int(s3_env.endpoint.rsplit(":", 1)[1]))
     yield fault
     fault.close()
@@ -138,7 +138,9 @@ def test_a_flaky_shard_is_skipped_and_counted(bucket_urls: str, tokenizer: Capti
     assert len(set(epoch0)) == len(epoch0) == (SHARDS - 1) * PER_SHARD  # the other shards, each once
 
 
-def test_index_reads_shards_from_s3(s3_env: SeaweedS3, bucket_urls: str, tmp_path: Path) -> None:  # noqa: F811
+def test_index_reads_shards_from_s3(
+    s3_env: SeaweedS3, bucket_urls: str, tokenizer: CaptionTokenizer
+) -> None:
     import json
 
     from clipa_ds.data.index import main
@@ -146,10 +148,14 @@ def test_index_reads_shards_from_s3(s3_env: SeaweedS3, bucket_urls: str, tmp_pat
     assert main([bucket_urls, "--out", "s3://clipa-data/synthetic/sizes.json"]) == 0
     sizes = json.loads(s3_env.filesystem().cat("clipa-data/synthetic/sizes.json"))
     assert sizes == {f"train-{i:06d}.tar": PER_SHARD for i in range(SHARDS)}
+    cfg = DataConfig(train_urls=bucket_urls, workers=0, shuffle_buffer=8, index="s3://clipa-data/synthetic/sizes.json")
+    it = make_loader(cfg, tokenizer)
+    list(itertools.islice(it, SHARDS * PER_SHARD // 8 + 2))  # one epoch and a bit
+    assert it.counters()["shards_done"] >= SHARDS and it.counters()["samples_missing"] == 0
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_two_workers_train_from_s3(s3_env: SeaweedS3, bucket_urls: str, tmp_path: Path) -> None:  # noqa: F811
+def test_torchrun_two_ranks_two_workers_train_from_s3(s3_env: SeaweedS3, bucket_urls: str, tmp_path: Path) -> None:
     """The tiny recipe trains a few steps from the S3 server, 2 ranks x 2 loader workers."""
     import json
     import os
@@ -178,7 +184,7 @@ def test_torchrun_two_ranks_two_workers_train_from_s3(s3_env: SeaweedS3, bucket_
     assert pretrain[-1]["data/samples_ok"] >= 128 and pretrain[-1]["data/shards_failed"] == 0
 
 
-def test_webdataset_opens_s3_through_fsspec(s3_env: SeaweedS3, bucket_urls: str) -> None:  # noqa: F811
+def test_webdataset_opens_s3_through_fsspec(s3_env: SeaweedS3, bucket_urls: str) -> None:
     import webdataset as wds
 
     from clipa_ds.data import storage

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipa_ds.data.tario import END_OF_ARCHIVE, member
 from clipa_ds.evaluate.datasets import EvalDataError, EvalDataset, eval_loader, eval_transform, expand_urls
-from tests.s3_server import SeaweedS3, s3_env, s3_server  # noqa: F401 (fixtures)
+from tests.s3_server import SeaweedS3
 from tests.test_eval_fixtures import id_image_png, shard_pattern, write_id_shards
 
 
@@ -121,7 +121,7 @@ def test_unknown_source_fails_clearly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_zeroshot_from_s3_shards_and_image_folder_equals_local(
-    tmp_path: Path, s3_env: SeaweedS3  # noqa: F811
+    tmp_path: Path, s3_env: SeaweedS3
 ) -> None:
     from clipa_ds.evaluate.labels import make_label_set
     from clipa_ds.evaluate.zeroshot import run_zeroshot

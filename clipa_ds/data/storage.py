@@ -120,14 +120,14 @@ def _make_filesystem(protocol: str, s: StorageSettings) -> fsspec.AbstractFileSy
         )
         fs.retries = 1  # s3fs's own retry loop is silent and unbounded in time: disable it
         return fs
-    if protocol in ("http", "https"):
+    if protocol in ("http", "https", "gs", "gcs"):
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
-        return fsspec.filesystem(protocol, client_kwargs={"timeout": timeout}, skip_instance_cache=True)
-    if protocol in ("gs", "gcs"):
-        try:
-            return fsspec.filesystem(protocol, requests_timeout=s.read_timeout_s, skip_instance_cache=True)
+        if protocol.startswith("http"):
+            return fsspec.filesystem(protocol, client_kwargs={"timeout": timeout}, skip_instance_cache=True)
+        try:  # gcsfs hands requests_timeout to every aiohttp request (untested here: no GCS emulator)
+            return fsspec.filesystem(protocol, requests_timeout=timeout, skip_instance_cache=True)
         except ImportError as err:
             raise ImportError("gs:// shards need gcsfs: pip install gcsfs") from err
     return fsspec.filesystem("file")
