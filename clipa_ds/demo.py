@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipa_ds.evaluate.labels import make_label_set
     from clipa_ds.evaluate.zeroshot import run_zeroshot
     from clipa_ds.models.clip import build_clip
+    from clipa_ds.siglip import siglip_model_kwargs
     from clipa_ds.train import run
 
     cfg = load_config("tiny", [f"run.dir={out / 'run'}", f"data.train_urls={train_urls}", *args.overrides])
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     last = cfg.stages[-1]
     eval_size = last.image.eval_size or last.image.size
-    model = build_clip(cfg.model.variant, last.text.context_length)
+    model = build_clip(cfg.model.variant, last.text.context_length, **siglip_model_kwargs(cfg.loss))
     model.load_state_dict(results[-1].weights)
     label_set = make_label_set(CLASS_NAMES, PROMPTS, source="synthetic shapes")
     # The bundle carries the label set, so `clipa-ds eval demo_out/run` reproduces this top-1.

@@ -17,7 +17,10 @@ The re-run must reproduce pass 1 exactly: each micro-batch gets a seed, and both
 token mask from a torch.Generator seeded with it; the towers have no dropout. The temperature and
 SigLIP bias are parameters used by the loss: their cached gradients enter the surrogate too
 (split evenly over the micro-batches), through the clamp in the model's forward.
-Cost: one extra forward of the towers per step (benchmarks/gradcache_overhead.py).
+Cost: one extra forward of the towers per step (benchmarks/gradcache_overhead.py). Memory: the
+step's micro-batches stay on the device as uint8, plus the (B_local, E) embeddings and, for CLIP,
+this rank's (B_local, N) logits in pass 2 (SigLIP scores (B, B) blocks); activations are those of
+one micro-batch, as with plain accumulation.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ Batch = dict[str, Tensor]
 
 
 def micro_batch_seeds(count: int) -> list[int]:
-    """One mask seed per micro-batch, from the global torch RNG (seeded per rank by the loop)."""
-    return [int(s) for s in torch.randint(0, 2**62, (count,))]
+    """One mask seed per micro-batch, from the global torch CPU RNG (seeded per rank by the loop,
+    restored on resume). Reading this CPU tensor is not a device sync."""
+    return torch.randint(0, 2**62, (count,)).tolist()
 
 
 def seeded_generator(seed: int) -> torch.Generator:

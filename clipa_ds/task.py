@@ -27,10 +27,13 @@ def normalize_images(images: Tensor, dtype: torch.dtype = torch.float32) -> Tens
     """uint8 (B, 3, H, W) on the device -> normalised float (B, 3, H, W) in `dtype`.
 
     Images cross the host-device link as uint8 (4x less than fp32) and are normalised here.
+    The constants enter as Python scalars, per channel: a `torch.tensor(..., device=gpu)` table
+    would be a host-to-device copy (a host sync) on every micro-batch.
     """
-    mean = torch.tensor(IMAGE_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGE_STD, device=images.device).view(1, 3, 1, 1) * 255.0
-    return ((images.float() - mean) / std).to(dtype)
+    x = images.float()  # (B, 3, H, W) fp32, a new tensor: safe to modify in place
+    for c, (mean, std) in enumerate(zip(IMAGE_MEAN, IMAGE_STD)):
+        x[:, c].sub_(mean * 255.0).div_(std * 255.0)
+    return x.to(dtype)
 
 
 class Embeddings(NamedTuple):

@@ -198,7 +198,7 @@ def test_gradient_cache_equals_whole_batch_step_and_plain_accumulation_does_not(
         results[name] = (loss, update)
         assert global_steps == 1 and not skipped, name
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=300)
         assert p.exitcode == 0
 
     whole = [[rows(r, i) for r in range(WORLD) for i in range(ACCUM)]]  # one chunk: all 16 rows

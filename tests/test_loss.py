@@ -57,9 +57,9 @@ def test_two_ranks_match_global_loss_and_gradients() -> None:
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    loss, g_img, g_txt = (torch.from_numpy(a) for a in queue.get(timeout=120))
+    loss, g_img, g_txt = (torch.from_numpy(a) for a in queue.get(timeout=300))
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=300)
         assert p.exitcode == 0
 
     ref_loss, ref_img, ref_txt = _loss_and_grads(*_problem())

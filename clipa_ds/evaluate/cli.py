@@ -92,7 +92,11 @@ def load_eval_bundle(directory: str | Path) -> tuple[nn.Module, int, int]:
             f"{directory / CONFIG_FILE}: format={config.get('format')!r} version={config.get('version')!r}; "
             f"expected format={BUNDLE_FORMAT!r} version={BUNDLE_VERSION}"
         )
-    model = build_clip(config["variant"], int(config["context_length"]))
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as weights:
+        has_bias = "logit_bias.bias" in weights.keys()  # a SigLIP-trained model
+    model = build_clip(config["variant"], int(config["context_length"]), **({"logit_bias_init": 0.0} if has_bias else {}))
     load_model(model, str(directory / WEIGHTS_FILE))  # strict: every tensor must match
     return model.eval(), int(config["context_length"]), int(config["image_size"])
 
