@@ -1,11 +1,11 @@
 """Find host-device synchronisations in a training step, on any device (CPU included).
 
 A host sync (`.item()`, `bool(t)`, `float(t)`, `.tolist()`, a device-to-host copy, an op whose
-output shape depends on the data) makes the CPU wait until the GPU has drained its queue; the
-GPU then idles while the CPU launches the next kernels. `HostSyncCounter` is a dispatch mode:
-it sees every aten op, forward and backward, and records each synchronising one with the code
-that issued it, so the syncs a GPU run would make are found on a CPU-only machine as well.
-(`torch.cuda.set_sync_debug_mode` does the same on CUDA only.)
+output shape depends on the data, `torch.tensor(data, device=gpu)`) makes the CPU wait until the
+GPU has drained its queue; the GPU then idles while the CPU launches the next kernels.
+`HostSyncCounter` is a dispatch mode: it sees every aten op, forward and backward, and records
+each synchronising one with the code that issued it, so the syncs a GPU run would make are found
+on a CPU-only machine as well. (`torch.cuda.set_sync_debug_mode` does the same on CUDA only.)
 
     with HostSyncCounter() as syncs:
         train_step(...)
@@ -57,18 +57,30 @@ def call_site() -> str:
     return " <- ".join(dict.fromkeys(sites)) or "<unknown>"
 
 
+def _places_on_device(*args: Any, device: Any = None, **kwargs: Any) -> bool:
+    if device is None:
+        return False
+    return torch.device(device).type != "cpu" if torch.cuda.is_available() else True
+
+
 class HostSyncCounter(TorchDispatchMode):
-    """Counts synchronising ops by 'op @ call site'. On CUDA runs, reads of CPU tensors (not a
-    sync there) are left out; on CPU runs every scalar read counts, see `device_syncs`."""
+    """Counts synchronising ops by 'op @ call site', and all non-view ops. On CUDA runs, reads of
+    CPU tensors (not a sync there) are left out; on CPU runs every scalar read counts, see
+    `device_syncs`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sites: Counter[str] = Counter()
-        self._saved: dict[str, Any] = {}
+        # aten ops that are not views: an eager kernel-launch count (a compiled region shows up
+        # only through the aten ops it calls out to, e.g. matmuls on CPU).
+        self.compute_ops = 0
+        self._saved: dict[tuple[Any, str], Any] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         name = func._schema.name
+        if not func.is_view:
+            self.compute_ops += 1
         first = args[0] if args else None
         if name in SYNC_OPS:
             on_host = isinstance(first, torch.Tensor) and first.device.type == "cpu"
@@ -81,21 +93,31 @@ class HostSyncCounter(TorchDispatchMode):
         return out
 
     def __enter__(self) -> "HostSyncCounter":
-        # tolist() and numpy() read memory without dispatching an aten op.
-        for method in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, method)
-            self._saved[method] = original
-
-            def wrapped(tensor: torch.Tensor, *a: Any, _m: str = method, _f: Any = original, **k: Any) -> Any:
-                self.sites[f"{_m} @ {call_site()}"] += 1
-                return _f(tensor, *a, **k)
-
-            setattr(torch.Tensor, method, wrapped)
+        # Host reads that dispatch no aten op: tolist() and numpy().
+        for name in ("tolist", "numpy"):
+            self._wrap(torch.Tensor, name, lambda *a, **k: True, name)
+        # Python data placed straight on the device: torch.tensor(data, device=d) is a blocking
+        # copy there (memcpy_and_sync, a full stream sync: pytorch issue #120996). On CPU runs
+        # every explicit device= counts, as the same line puts its tensor on the GPU in a GPU run;
+        # building on the host and `.to(device, non_blocking=True)` does not wait.
+        for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "new_tensor")):
+            self._wrap(owner, name, _places_on_device, "host_data_to_device")
         return super().__enter__()
 
+    def _wrap(self, owner: Any, name: str, counts: Any, label: str) -> None:
+        original = getattr(owner, name)
+        self._saved[(owner, name)] = original
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            if counts(*a, **k):
+                self.sites[f"{label} @ {call_site()}"] += 1
+            return original(*a, **k)
+
+        setattr(owner, name, wrapped)
+
     def __exit__(self, *exc: Any) -> None:
-        for method, original in self._saved.items():
-            setattr(torch.Tensor, method, original)
+        for (owner, name), original in self._saved.items():
+            setattr(owner, name, original)
         self._saved.clear()
         super().__exit__(*exc)
 
@@ -105,7 +127,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     def device_syncs(self) -> Counter[str]:
         """The sites that synchronise on a GPU too (torch.optim's host-side counters removed)."""
-        return Counter({site: n for site, n in self.sites.items() if HOST_COUNTER_MARK not in site.split(" @ ", 1)[1].split(" <- ")[0]})
+        return Counter({
+            site: n for site, n in self.sites.items()
+            if not site.split(" @ ", 1)[1].startswith(HOST_COUNTER_MARK)
+        })
 
     def by_owner(self) -> dict[str, int]:
         """Device syncs per code base that issued them (the outermost non-torch frame)."""

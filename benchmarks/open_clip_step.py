@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from phases import PhaseClock
 
 # open_clip's registered CLIPA configs for clipa-ds variants (same tower shapes).
 OPEN_CLIP_CONFIGS = {"L-14": "ViT-L-14-CLIPA", "H-14": "ViT-H-14-CLIPA", "G-14": "ViT-bigG-14-CLIPA"}
@@ -68,11 +69,11 @@ class OpenClipRunner:
         model_cfg: dict[str, Any],
         optim: Any,
         batches: list[dict[str, torch.Tensor]],
-        normalize: Callable[[torch.Tensor], torch.Tensor],
         device: torch.device,
         *,
         bf16: bool,
         grad_checkpointing: bool,
+        breakdown: bool = False,
     ) -> None:
         import open_clip
         from open_clip.loss import ClipLoss
@@ -94,23 +95,39 @@ class OpenClipRunner:
         self.loss = ClipLoss(cache_labels=True)
         self.grad_clip = optim.grad_clip
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.normalize = normalize
+        from clipa_ds.task import IMAGE_MEAN, IMAGE_STD
+
+        # Made once (open_clip's loader normalises on the host; here both systems normalise the
+        # same uint8 batch on the device, so neither pays a host-side transform).
+        self.mean = (torch.tensor(IMAGE_MEAN) * 255.0).view(1, 3, 1, 1).to(device)
+        self.std = (torch.tensor(IMAGE_STD) * 255.0).view(1, 3, 1, 1).to(device)
         self.batches = itertools.cycle(batches)
         self.loss_sum = torch.zeros((), device=device)
         self.samples_per_step = batches[0]["image"].shape[0]
         self.micro_steps = 1
+        self.clock = PhaseClock(device) if breakdown else None
 
     def step(self) -> None:
-        batch = next(self.batches)
-        images = self.normalize(batch["image"])  # (B, 3, S, S) fp32, as open_clip's loader gives
+        run = self.clock.run if self.clock is not None else lambda _phase, fn, *a: fn(*a)
+        loss = run("forward", self._forward, next(self.batches))
+        run("backward", loss.backward)
+        run("step", self._update)
+        self.loss_sum += loss.detach()
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images = (batch["image"].float() - self.mean) / self.std  # (B, 3, S, S) fp32, as open_clip's loader gives
         with self.autocast:
             image_features, text_features, logit_scale = self.model(images, batch["text"])
-            loss = self.loss(image_features, text_features, logit_scale)
-        loss.backward()
+            return self.loss(image_features, text_features, logit_scale)
+
+    def _update(self) -> None:
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, norm_type=2.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-        self.loss_sum += loss.detach()
+
+    def take_phase_times(self) -> dict[str, float]:
+        """Seconds per phase since the last call (after a device synchronise); {} if not timed."""
+        return self.clock.take() if self.clock is not None else {}

@@ -21,9 +21,13 @@ timed by the host clock with a device synchronise only at its ends; per-step tim
 CUDA events on GPU (no sync inside the window), from the host clock on CPU, where the process
 CPU time is reported too (steadier on a shared machine). MFU = samples/s x analytic training
 FLOPs per sample (clipa_ds.flops: image tokens after masking, patch embedding on all patches)
-/ peak FLOP/s: engine.peak_tflops on GPU; on CPU a measured dense matmul, labelled as such.
+/ peak FLOP/s: engine.peak_tflops on GPU. On CPU the peak is a dense fp32/bf16 matmul measured
+per second of process CPU time, and MFU uses samples per CPU-second: both clocks then ignore
+other programs on a shared machine (`mfu_wall` is the wall-clock figure beside it).
 `--check-syncs` runs one more step per system under host_syncs.HostSyncCounter and reports every
-host-device synchronisation with the code that issued it.
+host-device synchronisation with the code that issued it, and the aten ops dispatched (an eager
+kernel-launch count). `--breakdown` times forward / backward / optimizer step (phases.py).
+The systems live in clipa_ds_step.py and open_clip_step.py.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import itertools
 import json
 import platform
 import resource
@@ -50,99 +53,12 @@ for path in (HERE.parent, HERE):  # clipa_ds, and the sibling benchmark modules
 
 import torch  # noqa: E402
 
+from clipa_ds_step import ClipaDsRunner, Workload, make_workload, synthetic_batches  # noqa: E402
 from host_syncs import HostSyncCounter  # noqa: E402
 
 SYSTEMS = ("clipa-ds", "open_clip")
 # Labels --system accepts: a system, or clipa-ds with its blocks compiled (for A/B in one run).
 LABELS = ("clipa-ds", "clipa-ds+compile", "open_clip")
-
-# ----------------------------------------------------------------------------- workload
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    variant: str
-    image_size: int
-    mask: str
-    mask_ratio: float
-    context_length: int
-    micro_batch: int
-    patch_tokens: int  # patches embedded per image
-    image_tokens: int  # tokens the image blocks see, after masking
-    flops_per_sample: float  # training FLOPs (3 x forward), clipa_ds.flops
-
-
-def make_workload(cfg: Any, stage: Any, micro_batch: int) -> Workload:
-    from clipa_ds.flops import image_tokens_for, train_flops_per_sample
-    from clipa_ds.models.variants import get_variant
-
-    spec = get_variant(cfg.model.variant)
-    grid = stage.image.size // spec.patch_size
-    kept = image_tokens_for(spec, stage.image.size, stage.image.mask_ratio)
-    flops = train_flops_per_sample(spec, kept, stage.text.context_length, patch_tokens=grid * grid).total
-    return Workload(
-        variant=cfg.model.variant, image_size=stage.image.size, mask=stage.image.mask,
-        mask_ratio=stage.image.mask_ratio, context_length=stage.text.context_length,
-        micro_batch=micro_batch, patch_tokens=grid * grid, image_tokens=kept, flops_per_sample=flops,
-    )
-
-
-def synthetic_batches(w: Workload, vocab_size: int, device: torch.device, count: int = 2) -> list[dict[str, torch.Tensor]]:
-    """`count` distinct on-device batches, as the loader delivers them (uint8 images, long ids)."""
-    gen = torch.Generator().manual_seed(0)
-    size = (w.micro_batch, 3, w.image_size, w.image_size)
-    return [
-        {
-            "image": torch.randint(0, 256, size, generator=gen, dtype=torch.uint8).to(device),  # (B, 3, S, S)
-            "text": torch.randint(1, vocab_size, (w.micro_batch, w.context_length), generator=gen).to(device),  # (B, L)
-        }
-        for _ in range(count)
-    ]
-
-
-# ----------------------------------------------------------------------------- systems
-
-
-class ClipaDsRunner:
-    """One optimizer step = clipa_ds.step.train_step on the DeepSpeed engine (as train.py does)."""
-
-    name = "clipa-ds"
-
-    def __init__(self, cfg: Any, stage: Any, w: Workload, device: torch.device, *, compile_blocks: bool, grad_accum: int = 1) -> None:
-        from clipa_ds.engine import batch_plan, build_engine
-        from clipa_ds.models.clip import build_clip
-        from clipa_ds.siglip import siglip_model_kwargs
-        from clipa_ds.task import CLIPTask
-
-        model = build_clip(
-            w.variant, w.context_length,
-            grad_checkpointing_vision=cfg.model.grad_checkpointing_vision,
-            grad_checkpointing_text=cfg.model.grad_checkpointing_text,
-            **siglip_model_kwargs(cfg.loss),
-        )
-        model.visual.set_token_masking(w.mask, w.mask_ratio)
-        if compile_blocks:  # compile, then checkpoint (inside the towers), then ZeRO wrap
-            from clipa_ds.compile import compile_blocks as compile_fn
-
-            compile_fn(model)
-        self.compiled = compile_blocks
-        self.plan = batch_plan(w.micro_batch * grad_accum, w.micro_batch, 1)
-        self.samples_per_step, self.micro_steps = self.plan.global_batch, self.plan.grad_accum
-        self.engine = build_engine(CLIPTask(model, cfg.loss), cfg.engine, self.plan, stage.optim, device)
-        self.stage, self.device, self.loss_cfg = stage, device, cfg.loss
-        self.batches = itertools.cycle(synthetic_batches(w, model.spec.vocab_size, device))
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps = 0
-
-    def step(self) -> None:
-        from clipa_ds.engine import set_lr
-        from clipa_ds.schedule import lr_at
-        from clipa_ds.step import train_step
-
-        set_lr(self.engine, lr_at(self.steps * self.plan.global_batch, self.stage.optim, self.stage.samples))
-        self.loss_sum += train_step(self.engine, self.batches, self.plan, self.device, loss=self.loss_cfg).loss_sum
-        self.steps += 1
-
 
 # ----------------------------------------------------------------------------- measurement
 
@@ -176,16 +92,18 @@ def time_window(runner: Any, steps: int, device: torch.device) -> tuple[float, l
     return marks[-1] - marks[0], [b - a for a, b in zip(marks, marks[1:])], time.process_time() - cpu_start
 
 
-def measured_matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """Best dense (n x n) @ (n x n) rate on this CPU, in TFLOP/s: the CPU 'peak' for MFU."""
+def measured_matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> tuple[float, float]:
+    """Best dense (n x n) @ (n x n) rate on this CPU in TFLOP/s: (per wall second, per second of
+    process CPU time). The CPU 'peak' for MFU."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return 2 * n**3 / best_wall / 1e12, 2 * n**3 / max(best_cpu, 1e-9) / 1e12
 
 
 def device_name(device: torch.device) -> str:
@@ -207,20 +125,23 @@ def percentile(values: list[float], q: float) -> float:
 
 def build_runner(name: str, cfg: Any, stage: Any, w: Workload, device: torch.device, args: argparse.Namespace) -> Any:
     if name.startswith("clipa-ds"):
-        compiled = args.compile or name == "clipa-ds+compile"
-        return ClipaDsRunner(cfg, stage, w, device, compile_blocks=compiled, grad_accum=args.grad_accum)
+        # model.compile is the config flag train.py honours (getattr: absent in older configs).
+        compiled = args.compile or name == "clipa-ds+compile" or bool(getattr(cfg.model, "compile", False))
+        return ClipaDsRunner(
+            cfg, stage, w, device, compile_blocks=compiled, grad_accum=args.grad_accum, breakdown=args.breakdown
+        )
     from open_clip_step import OpenClipRunner, open_clip_config
 
     from clipa_ds.config import ConfigError
-    from clipa_ds.task import normalize_images
 
     if cfg.loss.kind != "clip":
         raise ConfigError(f"loss.kind={cfg.loss.kind!r}: the open_clip side by side runs the clip loss only")
     source, model_cfg = open_clip_config(w.variant, w.image_size, w.context_length, w.mask_ratio)
     runner = OpenClipRunner(
         model_cfg, stage.optim, synthetic_batches(w, model_cfg["text_cfg"]["vocab_size"], device),
-        normalize_images, device, bf16=cfg.engine.bf16,
+        device, bf16=cfg.engine.bf16,
         grad_checkpointing=cfg.model.grad_checkpointing_vision or cfg.model.grad_checkpointing_text,
+        breakdown=args.breakdown,
     )
     runner.config_source = source
     return runner
@@ -233,11 +154,14 @@ class Timing:
     step_s: list[float] = dataclasses.field(default_factory=list)
     resident_bytes: int = 0  # CUDA: weights, grads, optimizer state after warm-up
     peak_bytes: int = 0  # CUDA: resident + the largest transient of a timed window
+    phase_s: dict[str, float] = dataclasses.field(default_factory=dict)  # --breakdown
 
 
 def measure(runners: dict[str, Any], args: argparse.Namespace, device: torch.device, timings: dict[str, Timing]) -> None:
     """Alternate timed windows over the systems, so machine load hits all of them alike."""
     cuda = device.type == "cuda"
+    for runner in runners.values():  # drop the warm-up's phase marks
+        getattr(runner, "take_phase_times", dict)()
     for _ in range(args.rounds):
         for name, runner in runners.items():
             timing = timings[name]
@@ -248,6 +172,8 @@ def measure(runners: dict[str, Any], args: argparse.Namespace, device: torch.dev
             timing.wall_s += wall
             timing.cpu_s += cpu
             timing.step_s += per_step
+            for phase, seconds in getattr(runner, "take_phase_times", dict)().items():
+                timing.phase_s[phase] = timing.phase_s.get(phase, 0.0) + seconds
             if cuda:  # the other system's resident state is in `base`: count only this one's
                 peak = torch.cuda.max_memory_allocated(device) - base + timing.resident_bytes
                 timing.peak_bytes = max(timing.peak_bytes, peak)
@@ -261,7 +187,9 @@ def count_host_syncs(runner: Any, device: torch.device) -> dict[str, Any]:
         if device.type == "cuda":  # CUDA's own detector as a second opinion
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            with counter:
+            # Compiled regions cannot run under a dispatch mode: run them eagerly (same Python
+            # code; a sync inside a compiled block would be a graph break, which fullgraph forbids).
+            with torch.compiler.set_stance("force_eager"), counter:
                 runner.step()
         finally:
             if device.type == "cuda":
@@ -270,6 +198,7 @@ def count_host_syncs(runner: Any, device: torch.device) -> dict[str, Any]:
         "device_syncs": sum(counter.device_syncs().values()),
         "by_owner": counter.by_owner(),
         "sites": dict(counter.sites),
+        "aten_compute_ops": counter.compute_ops,
     }
     if device.type == "cuda":
         out["cuda_sync_debug_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
@@ -296,13 +225,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         cfg.engine = dataclasses.replace(cfg.engine, bf16=args.bf16)
     bf16 = cfg.engine.bf16
     w = make_workload(cfg, stage, args.micro_batch)
+    cpu_clock = device.type == "cpu" and not args.peak_tflops  # MFU per CPU-second, see doc
     if args.peak_tflops:
-        peak_tflops, peak_source = args.peak_tflops, "--peak-tflops"
+        peak_tflops = peak_wall = args.peak_tflops
+        peak_source = "--peak-tflops"
     elif device.type == "cuda":
-        peak_tflops, peak_source = cfg.engine.peak_tflops, "engine.peak_tflops"
-    else:
-        peak_tflops = measured_matmul_tflops(torch.bfloat16 if bf16 else torch.float32)
-        peak_source = f"measured {'bf16' if bf16 else 'fp32'} 1024^3 matmul on this CPU"
+        peak_tflops = peak_wall = cfg.engine.peak_tflops
+        peak_source = "engine.peak_tflops"
+    else:  # the faster of fp32 and (when the run is bf16) bf16: CPUs without bf16 units emulate it
+        rates = [measured_matmul_tflops(dtype) for dtype in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,))]
+        peak_wall, peak_tflops = max(r[0] for r in rates), max(r[1] for r in rates)
+        peak_source = f"best {'fp32/bf16' if bf16 else 'fp32'} 1024^3 matmul per CPU-second, this CPU"
 
     runners: dict[str, Any] = {}
     timings: dict[str, Timing] = {}
@@ -340,7 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 "p90": percentile(t.step_s, 0.9),
                 "mean": t.wall_s / (args.rounds * args.steps),
             },
-            "mfu": samples_per_s * w.flops_per_sample / (peak_tflops * 1e12),
+            "mfu": (timed_samples / t.cpu_s if cpu_clock else samples_per_s) * w.flops_per_sample / (peak_tflops * 1e12),
+            "mfu_wall": samples_per_s * w.flops_per_sample / (peak_wall * 1e12),
             "tflops_per_s": samples_per_s * w.flops_per_sample / 1e12,
             "flops_per_sample": w.flops_per_sample,
             "peak_tflops": peak_tflops,
@@ -374,6 +308,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             record.update(open_clip=open_clip.__version__, open_clip_config=runner.config_source)
         if name in syncs:
             record["host_syncs_per_step"] = syncs[name]
+        if t.phase_s:  # engine calls per optimizer step; "other" = the rest of the step
+            phases = {k: v / (args.rounds * args.steps) for k, v in t.phase_s.items()}
+            phases["other"] = record["step_time_s"]["mean"] - sum(phases.values())
+            record["phase_time_s_per_step"] = phases
         results[name] = record
     ratios = pair_ratios(results)
     for record in results.values():
@@ -402,7 +340,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="recipe name or YAML path (clipa_ds.recipes)")
     parser.add_argument("--stage", default="", help="stage name (default: the first stage)")
-    parser.add_argument("--micro-batch", type=int, required=True, help="per-device batch = global batch")
+    parser.add_argument("--micro-batch", type=int, required=True, help="per-device micro-batch (global batch = micro-batch x --grad-accum)")
     parser.add_argument(
         "--system", default="clipa-ds",
         help=f"one of {', '.join(LABELS)}, 'both' (= clipa-ds,open_clip), or a comma-separated list",
@@ -418,6 +356,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU (default: see doc)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--check-syncs", action="store_true", help="count host syncs in one more step")
+    parser.add_argument("--breakdown", action="store_true", help="time forward / backward / optimizer step")
     parser.add_argument("--out", default="", help="write the JSON here (several systems: NAME.<label>.json each)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = parser.parse_args(argv)
@@ -445,8 +384,14 @@ def write_out(path: str, results: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clipa_ds.config import ConfigError
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    results = run(args)
+    try:
+        results = run(args)
+    except ConfigError as err:
+        print(f"throughput: configuration error: {err}", file=sys.stderr)
+        return 2
     if args.out:
         write_out(args.out, results)
     if len(results) > 1:

@@ -39,6 +39,7 @@ class ModelConfig:
     variant: str = "tiny"
     grad_checkpointing_vision: bool = False
     grad_checkpointing_text: bool = False
+    compile: bool = False  # torch.compile each transformer block (clipa_ds.compile)
 
     def __post_init__(self) -> None:
         from clipa_ds.models.variants import VARIANTS

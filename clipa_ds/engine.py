@@ -118,7 +118,7 @@ def build_ds_config(engine: EngineConfig, plan: BatchPlan, optim: OptimConfig) -
         wall_clock_breakdown=False,
     )
     if engine.bf16:
-        config["bf16"] = {"enabled": True}
+        config.setdefault("bf16", {})["enabled"] = True
         # Without this, DeepSpeed accumulates gradients in bf16 across micro-batches.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
