@@ -14,8 +14,20 @@ One `RunCheckpoints` per run; every method is a collective (call it on every ran
   pointer by rank 0 after a barrier (checkpoint_store), then keep-last pruning and the sync.
 - `finish_stage(k, weights)`: consolidated fp32 weights of the stage (safetensors) + marker.
 
-Guarantee: with the same world size, ZeRO stage and data, a run killed at any point and
-restarted with the same command ends with bit-identical weights (tests/test_resume_*.py).
+Guarantees (tests/test_resume.py, tests/test_checkpoint*.py):
+- Same world size, ZeRO stage, data and config: a run killed at any point (SIGKILL, or during a
+  checkpoint write) and restarted with the same command ends with bit-identical weights (CPU,
+  ZeRO 1/2/3). The loss of steps redone after the checkpoint is identical too.
+- Another world size: weights, fp32 master copy and AdamW moments carry over exactly (universal
+  format); the per-rank RNG streams are derived anew; the data loader re-splits the unread rest
+  of its shard sequence: no sample is skipped, at most one shuffle block (data.shuffle_buffer
+  samples) per old reader is repeated, and the sample order differs from an uninterrupted run,
+  so the loss continues the curve within batch noise, not bit-identically.
+- Config changes: run.dir/logging/timeouts/workers/checkpoint/eval settings, a stage's length
+  (not yet finished) and everything about stages not yet started may change; anything else
+  that differs from the checkpoint (model, batch sizes, image/text settings, optimizer, loss,
+  data sources, seed, ZeRO stage, precision) is refused, naming each changed key.
+- SIGTERM / SIGUSR1: every rank saves at the next step boundary, then exits with 128+signal.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -34,7 +47,7 @@ from typing import Any
 import torch.distributed as dist
 
 from clipa_ds.checkpoint_sources import CONFIG_FILE, build_model_for, load_model_for_eval, read_init_weights
-from clipa_ds.checkpoint_state import check_resume_config, gather_rng, restore_rng, seed_everything
+from clipa_ds.checkpoint_state import decide_resume, gather_rng, restore_rng, seed_everything
 from clipa_ds.checkpoint_store import (
     Manifest,
     RunLayout,
@@ -43,14 +56,13 @@ from clipa_ds.checkpoint_store import (
     checkpoint_tag,
     disk_problem,
     estimate_checkpoint_bytes,
-    find_resumable,
     list_tags,
     prune,
     publish_latest,
     write_manifest,
 )
 from clipa_ds.checkpoint_trigger import CheckpointTrigger, Preempted, StopSignals, control_group
-from clipa_ds.checkpoint_universal import convert_to_universal, universal_overrides
+from clipa_ds.checkpoint_universal import convert_to_universal, universal_overrides, universal_tag
 from clipa_ds.checkpoint_weights import StateDict, load_weights, log, save_weights, weights_only_torch_load
 from clipa_ds.config import Config, ConfigError, EngineConfig
 
@@ -117,6 +129,15 @@ class RunCheckpoints:
         self._handoff: tuple[int, StateDict] | None = None
         self._saves = 0
         self._last_size = 0
+        # Is run.dir one filesystem for all ranks? If not (node-local disks, e.g. staging for an
+        # object store), each node's local rank 0 keeps its own copy tidy and complete.
+        self.shared = True
+        self._partitioned = False  # the resumed checkpoint has per-rank optimizer partitions
+
+    @property
+    def writer(self) -> bool:
+        """The process that maintains this filesystem's copy of the run directory."""
+        return self.rank == 0 if self.shared else self.local_rank == 0
 
     # ------------------------------------------------------------------ collectives
 
@@ -154,57 +175,58 @@ class RunCheckpoints:
         except ConfigError as err:
             problem = str(err)
         self._raise_if_any(problem, ConfigError)
+        self.shared = self._detect_shared()
+        pulled, problem = None, None
+        empty = not list_tags(self.layout) and not (self.layout.root / "stages").is_dir()
+        if self.mirror is not None and self.writer and (empty or not self.shared):
+            # Node-local copies always sync from the store, so every node resumes the same tag.
+            try:
+                pulled = self.mirror.pull(self.layout)
+            except (OSError, ValueError) as err:
+                problem = f"cannot read the checkpoints in {self.mirror.url}: {err}"
+        self._raise_if_any(problem, CheckpointError)
         decision: Any = None
         if self.rank == 0:
             try:
-                decision = self._decide()
+                decision = decide_resume(self.layout, self.cfg)
+                if pulled is not None and self.mirror is not None:
+                    decision.notes.insert(0, f"pulled checkpoint {pulled} from {self.mirror.url}")
             except ConfigError as err:
                 decision = str(err)
         decision = self._from_rank0(decision)
         if isinstance(decision, str):
             raise ConfigError(decision)
-        self.finished, manifest, notes = decision
-        self.resume = Manifest(**manifest) if manifest else None
+        self.finished, self.resume, self._partitioned = decision.finished, decision.manifest, decision.partitioned
+        notes = decision.notes
+        if not self.shared and self.mirror is None:
+            if self.resume is not None or self.finished:
+                raise ConfigError(
+                    f"run.dir={self.cfg.run.dir!r} is not shared between the nodes, so the other nodes cannot "
+                    "see rank 0's checkpoint; use a shared filesystem, or an object store (run.dir=s3://... "
+                    "or checkpoint.sync_to=s3://...), or a new run.dir to start over"
+                )
+            if self.rank == 0:
+                log(f"warning: run.dir={self.cfg.run.dir!r} is node-local and checkpoint.sync_to is not set: "
+                    "this run cannot be resumed after a restart")
         if self.rank == 0:
             for note in notes:
                 log(note)
             atomic_write_text(self.layout.root / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=1) + "\n")
             self._sync(lambda m: m.upload_file(self.layout, CONFIG_FILE))
 
-    def _decide(self) -> tuple[int, dict[str, Any] | None, list[str]]:
-        """Rank 0: how far the run got, and whether the config may continue it."""
-        notes: list[str] = []
-        names = [s.name for s in self.cfg.stages]
-        if self.mirror is not None and not list_tags(self.layout) and not (self.layout.root / "stages").is_dir():
-            tag = self.mirror.pull(self.layout)
-            if tag is not None:
-                notes.append(f"pulled checkpoint {tag} from {self.mirror.url}")
-        finished = 0
-        while finished < len(names) and self.layout.final_marker(finished, names[finished]).is_file():
-            finished += 1
-        choice = find_resumable(self.layout)
-        notes += choice.notes
-        manifest = choice.manifest
-        if manifest is not None and manifest.stage_index != finished:
-            manifest = None  # a checkpoint of a stage that has finished since
-        saved: dict[str, Any] | None = manifest.config if manifest is not None else None
-        where = f"checkpoint {manifest.tag}" if manifest is not None else ""
-        if saved is None and finished:
-            marker = self.layout.final_marker(finished - 1, names[finished - 1])
-            saved, where = json.loads(marker.read_text())["config"], f"finished stage {names[finished - 1]!r}"
-        if saved is not None:
-            safe = check_resume_config(saved, self.cfg, finished=finished, resumed=manifest is not None, where=where)
-            notes += [f"accepted config change {line}" for line in safe]
-        if manifest is not None:
-            notes.append(
-                f"resuming stage {manifest.stage_name!r} from checkpoint {manifest.tag} "
-                f"({manifest.samples_seen} samples in, saved at world size {manifest.world_size})"
-            )
-        elif finished == len(names):
-            notes.append(f"all stages of {self.layout.root} are finished; nothing to train")
-        elif finished:
-            notes.append(f"stages {names[:finished]} are finished; stage {names[finished]!r} starts from their weights")
-        return finished, dataclasses.asdict(manifest) if manifest is not None else None, notes
+    def _detect_shared(self) -> bool:
+        """All ranks see the file rank 0 just wrote: one shared filesystem."""
+        if not self._distributed:
+            return True
+        token = self._from_rank0(secrets.token_hex(8) if self.rank == 0 else None)
+        probe = self.layout.root / ".shared-probe"
+        if self.rank == 0:
+            atomic_write_text(probe, token)
+        self.barrier()
+        seen = probe.is_file() and probe.read_text() == token
+        views: list[Any] = [None] * self.world_size
+        dist.all_gather_object(views, seen, group=self.group)
+        return all(views)
 
     # ------------------------------------------------------------------ stages
 
@@ -215,7 +237,7 @@ class RunCheckpoints:
         engine = self.cfg.engine
         resume = self.resume if self.resume is not None and self.resume.stage_index == stage_index else None
         if resume is not None:
-            if resume.world_size == self.world_size or resume.zero_stage == 0:
+            if resume.world_size == self.world_size or not self._partitioned:
                 return StageStart(None, f"checkpoint {resume.tag}", resume, resume.tag, engine)
             return self._universal_start(resume)
         if stage_index > 0:
@@ -226,23 +248,20 @@ class RunCheckpoints:
         return StageStart(None, "random init", None, "", engine)
 
     def _universal_start(self, resume: Manifest) -> StageStart:
-        """A different world size: convert once on rank 0, then every rank loads the universal form."""
-        result: Any = None
+        """A different world size: convert once per filesystem, then every rank loads the universal form."""
         if self.rank == 0:
             log(f"world size {resume.world_size} -> {self.world_size}: converting {resume.tag} to DeepSpeed's universal format")
+        tag = universal_tag(resume.tag)
+        path = self.layout.checkpoints / tag / "ds_overrides.json"
+        problem = None
+        if self.writer:  # deterministic, so node-local copies convert independently
             try:
-                tag = convert_to_universal(self.layout, resume.tag)
-                path = universal_overrides(
-                    self.cfg.engine.ds_config_overrides, self.layout.checkpoints / tag / "ds_overrides.json"
-                )
-                result = (tag, path)
+                convert_to_universal(self.layout, resume.tag)
+                universal_overrides(self.cfg.engine.ds_config_overrides, path)
             except Exception as err:  # noqa: BLE001 (reported on every rank below)
-                result = f"converting checkpoint {resume.tag} to the universal format failed: {type(err).__name__}: {err}"
-        result = self._from_rank0(result)
-        if isinstance(result, str):
-            raise CheckpointError(result)
-        tag, path = result
-        engine = dataclasses.replace(self.cfg.engine, ds_config_overrides=path)
+                problem = f"converting checkpoint {resume.tag} to the universal format failed: {type(err).__name__}: {err}"
+        self._raise_if_any(problem, CheckpointError)
+        engine = dataclasses.replace(self.cfg.engine, ds_config_overrides=str(path))
         return StageStart(None, f"checkpoint {resume.tag} (universal, new world size)", resume, tag, engine)
 
     def _init_weights(self) -> StateDict:
@@ -250,16 +269,14 @@ class RunCheckpoints:
         source = self.cfg.checkpoint.init_from
         copy = self.layout.root / "init_from.safetensors"
         problem = None
-        if self.rank == 0:
+        if self.writer:
             try:
                 current = load_weights(copy)[1].get("source") if copy.is_file() else None
                 if current != source:
                     save_weights(copy, read_init_weights(source), {"source": source})
             except (ConfigError, OSError) as err:
                 problem = str(err)
-        problem = self._from_rank0(problem)
-        if problem:
-            raise ConfigError(problem)
+        self._raise_if_any(problem, ConfigError)
         return load_weights(copy)[0]
 
     def final_weights(self, stage_index: int) -> StateDict:
@@ -294,16 +311,19 @@ class RunCheckpoints:
             seed_everything(self.cfg.run.seed + 1000 * state["stage_index"] + self.rank + 7919 * state["samples_seen"])
         return Restored(int(state["samples_seen"]), state["loader"], state.get("nonfinite"))
 
-    def save(self, engine: Any, loader: Any, stage_index: int, samples_seen: int, *, lr: float, nonfinite: dict[str, int], num_params: int) -> str:
+    def save(
+        self, engine: Any, loader: Any, stage_index: int, samples_seen: int,
+        *, lr: float, nonfinite: dict[str, int], num_params: int,
+    ) -> str:
         from clipa_ds.data.pipeline import gather_loader_state
 
         stage = self.cfg.stages[stage_index]
         tag = checkpoint_tag(stage_index, samples_seen)
         loader_state = gather_loader_state(loader)  # collective
-        rng = gather_rng()  # collective
+        rng = gather_rng(self.group)  # collective
         need = self._last_size or estimate_checkpoint_bytes(num_params, 2 if self.cfg.engine.bf16 else 4)
         self._raise_if_any(disk_problem(self.layout.checkpoints, need), CheckpointError)
-        if self.rank == 0:
+        if self.writer:
             shutil.rmtree(self.layout.tag_dir(tag), ignore_errors=True)  # left by a crashed attempt
         self.barrier()
         client = {
@@ -318,7 +338,7 @@ class RunCheckpoints:
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(self._saves):
             os.kill(os.getpid(), signal.SIGKILL)
         self.barrier()  # every rank's files are written
-        if self.mirror is not None and self.local_rank == 0:
+        if self.mirror is not None and self.writer:
             self._sync(lambda m: m.upload_tag_files(self.layout, tag))
         self.barrier()
         size = 0
@@ -329,12 +349,14 @@ class RunCheckpoints:
             )
             write_manifest(self.layout, manifest)
             publish_latest(self.layout, tag)
-            prune(self.layout, self.cfg.checkpoint.keep_last, tag)
             self._sync(lambda m: m.publish_tag(manifest))
             if self.cfg.checkpoint.keep_last:
                 self._sync(lambda m: m.prune(set(list_tags(self.layout))))
             size = sum(manifest.files.values())
-        self._last_size = int(self._from_rank0(size))
+        self._last_size = int(self._from_rank0(size))  # also orders the pruning after publication
+        if self.writer:
+            # On node-local disks the other nodes hold no manifest: they keep only the newest tag.
+            prune(self.layout, self.cfg.checkpoint.keep_last, tag)
         return tag
 
     def finish_stage(self, stage_index: int, weights: StateDict, info: dict[str, Any]) -> None:

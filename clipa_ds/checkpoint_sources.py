@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from clipa_ds.checkpoint_store import RunLayout, find_resumable
-from clipa_ds.checkpoint_weights import TEXT_POSITIONS, StateDict, consolidate_deepspeed, load_into, load_weights
+from clipa_ds.checkpoint_weights import TEXT_POSITIONS, StateDict, consolidate_deepspeed, load_into, load_weights, log
 from clipa_ds.config import ConfigError
 
 CONFIG_FILE = "config.json"  # resolved config of a run, in the run directory
@@ -70,6 +70,8 @@ def read_run_weights(run_dir: Path, stage: str | None = None) -> tuple[StateDict
     context_length, image_size = _stage_sizes(config, index)
     if from_checkpoint:
         assert in_progress is not None
+        for note in choice.notes:
+            log(note)
         weights = consolidate_deepspeed(layout.checkpoints, in_progress.tag, in_progress.zero_stage)
         source = f"{run_dir} checkpoint {in_progress.tag} (stage {names[index]!r}, in progress)"
     else:

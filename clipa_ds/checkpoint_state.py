@@ -1,17 +1,21 @@
-"""What a checkpoint adds to DeepSpeed's state: RNG states per rank, and which config changes are safe.
+"""What a checkpoint adds to DeepSpeed's state (RNG states per rank), which config changes are
+safe, and where a run resumes.
 
 RNG states are stored as plain lists of ints (JSON-able, loadable with `weights_only=True`).
 """
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from clipa_ds.checkpoint_store import Manifest, RunLayout, find_resumable
 from clipa_ds.config import Config, ConfigError
 
 # ----------------------------------------------------------------------------- RNG
@@ -47,13 +51,13 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def gather_rng() -> list[dict[str, Any]]:
+def gather_rng(group: Any = None) -> list[dict[str, Any]]:
     """Every rank's RNG states, indexed by rank (a collective when distributed)."""
     local = capture_rng()
     if not (dist.is_available() and dist.is_initialized()):
         return [local]
     states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, local)
+    dist.all_gather_object(states, local, group=group)
     return states
 
 
@@ -146,3 +150,48 @@ def check_resume_config(saved: dict[str, Any], cfg: Config, *, finished: int, re
             "run with another run.dir (checkpoint.init_from=OLD_RUN_DIR starts from its weights)"
         )
     return safe
+
+
+# ----------------------------------------------------------------------------- where to resume
+
+
+@dataclass
+class ResumeDecision:
+    finished: int  # stages 0..finished-1 are done
+    manifest: Manifest | None  # checkpoint inside stage `finished` to continue from
+    notes: list[str]  # for the log
+    partitioned: bool  # its optimizer states are per-rank partitions (world size matters)
+
+
+def decide_resume(layout: RunLayout, cfg: Config) -> ResumeDecision:
+    """How far the run in `layout` got, and whether `cfg` may continue it (raises ConfigError)."""
+    names = [s.name for s in cfg.stages]
+    finished = 0
+    while finished < len(names) and layout.final_marker(finished, names[finished]).is_file():
+        finished += 1
+    choice = find_resumable(layout)
+    notes = list(choice.notes)
+    manifest = choice.manifest
+    if manifest is not None and manifest.stage_index != finished:
+        manifest = None  # a checkpoint of a stage that has finished since
+    saved: dict[str, Any] | None = manifest.config if manifest is not None else None
+    where = f"checkpoint {manifest.tag}" if manifest is not None else ""
+    if saved is None and finished:
+        marker = layout.final_marker(finished - 1, names[finished - 1])
+        saved, where = json.loads(marker.read_text())["config"], f"finished stage {names[finished - 1]!r}"
+    if saved is not None:
+        safe = check_resume_config(saved, cfg, finished=finished, resumed=manifest is not None, where=where)
+        notes += [f"accepted config change {line}" for line in safe]
+    if manifest is not None:
+        notes.append(
+            f"resuming stage {manifest.stage_name!r} from checkpoint {manifest.tag} "
+            f"({manifest.samples_seen} samples in, saved at world size {manifest.world_size})"
+        )
+    elif finished == len(names):
+        notes.append(f"all stages of {layout.root} are finished; nothing to train")
+    elif finished:
+        notes.append(f"stages {names[:finished]} are finished; stage {names[finished]!r} starts from their weights")
+    # Optimizer states partitioned per rank (ZeRO, or DeepSpeed's bf16 optimizer) only load at
+    # the world size they were saved with; a plain fp32 ZeRO-0 checkpoint loads anywhere.
+    partitioned = manifest is not None and any(name.endswith("optim_states.pt") for name in manifest.files)
+    return ResumeDecision(finished, manifest, notes, partitioned)

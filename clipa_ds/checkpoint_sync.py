@@ -12,6 +12,7 @@ Credentials and endpoint come from `data.s3` / the AWS environment, as for shard
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -145,6 +146,6 @@ class RemoteMirror:
 
     def _get(self, relative: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".tmp")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # nodes may share the directory
         _retry(f"download of {relative}", lambda: self.fs.get_file(self._remote(relative), str(partial)))
         partial.replace(target)

@@ -84,8 +84,9 @@ def load_weights(path: Path) -> tuple[StateDict, dict[str, Any]]:
 
 def consolidate_deepspeed(checkpoints_dir: Path, tag: str, zero_stage: int) -> StateDict:
     """Full fp32 weights of the model from a DeepSpeed checkpoint of any ZeRO stage (one process)."""
+    partitioned = any((checkpoints_dir / tag).glob("*optim_states.pt"))
     with weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()):
-        if zero_stage == 0:
+        if zero_stage == 0 and not partitioned:  # plain fp32 training: the module holds the weights
             files = sorted((checkpoints_dir / tag).glob("mp_rank_*_model_states.pt"))
             if not files:
                 raise FileNotFoundError(f"no mp_rank_*_model_states.pt in {checkpoints_dir / tag}")

@@ -8,6 +8,7 @@ Re-running the same command with the same run.dir resumes where the run stopped.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ import torch
 
 from clipa_ds.checkpoint import CheckpointError, Preempted, RunCheckpoints, StageStart
 from clipa_ds.checkpoint_state import seed_everything
+from clipa_ds.checkpoint_trigger import signals_deferred
 from clipa_ds.checkpoint_weights import StateDict, load_into, weights_digest
 from clipa_ds.config import Config, ConfigError, StageConfig, load_config
 from clipa_ds.data.synthetic_source import materialize_train_urls
 from clipa_ds.engine import BatchPlan, DistEnv, batch_plan, build_engine, init_distributed, set_lr
+from clipa_ds.evaluate.in_loop import InLoopEvaluator
 from clipa_ds.metrics import MetricsLogger
 from clipa_ds.numerics import NonFiniteLossError, NonFiniteTracker
 from clipa_ds.schedule import lr_at
@@ -62,6 +65,10 @@ def build_stage_model(cfg: Config, stage: StageConfig, start: StageStart) -> tor
         # The sin-cos image table is recomputed per resolution by the tower; nothing to carry.
         load_into(model, start.weights, start.source)
     model.visual.set_token_masking(stage.image.mask, stage.image.mask_ratio)
+    if cfg.model.compile:  # compile, then checkpoint (inside the towers), then ZeRO wrap (build_engine)
+        from clipa_ds.compile import compile_blocks
+
+        compile_blocks(model)
     return model
 
 
@@ -127,66 +134,117 @@ class LogWindow:
         self._reset()
 
 
-def train_stage(cfg: Config, stage_index: int, dist_env: DistEnv, logger: MetricsLogger, ckpt: RunCheckpoints) -> StageResult:
-    from clipa_ds.data.pipeline import build_train_loader
-    from clipa_ds.data.tokenizer import CaptionTokenizer
-    from clipa_ds.task import CLIPTask
+def guarded(batches: Any) -> Any:
+    """Fetch batches without touching the global torch RNG and with stop signals deferred.
 
-    stage = cfg.stages[stage_index]
-    plan: BatchPlan = batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
-    start = ckpt.start_stage(stage_index)
-    # Seeded before the model is built: a fresh stage's init is the same on every restart.
-    seed_everything(cfg.run.seed + 1000 * stage_index + dist_env.rank)
-    model = build_stage_model(cfg, stage, start)
-    num_params = sum(p.numel() for p in model.parameters())
-    logger.log({
-        "event": "stage_start", "stage": stage.name, "init": start.source,
-        "init_digest": weights_digest(model.state_dict()) if start.weights is not None and dist_env.rank == 0 else "",
-        "text_context_length": stage.text.context_length, "world_size": dist_env.world_size,
-    })
-    engine = build_engine(CLIPTask(model, cfg.loss), start.engine, plan, stage.optim, dist_env.device)
-    restored = ckpt.restore(engine, start) if start.resume is not None else None
-    loader = build_train_loader(
-        cfg.data, stage, stage_index=stage_index, rank=dist_env.rank, world_size=dist_env.world_size,
-        seed=cfg.run.seed, micro_batch=plan.micro_batch, tokenizer=CaptionTokenizer(),
-        state=restored.loader_state if restored else None,
-    )
-    tracker = NonFiniteTracker(cfg.loss.max_nonfinite_steps_in_a_row)
-    if restored and restored.nonfinite:
-        tracker.load_state_dict(restored.nonfinite)
-    first_step = restored.samples_seen // plan.global_batch if restored else 0
-    trigger = ckpt.trigger(first_step * plan.global_batch)
-    window = LogWindow(cfg, stage, plan, dist_env, logger)
-    batches = iter(loader)
-    stage_start, stop_signal = time.perf_counter(), 0
-    for step in range(first_step, stage.steps):
-        lr = lr_at(step * plan.global_batch, stage.optim, stage.samples)
-        set_lr(engine, lr)
-        stats = train_step(engine, batches, plan, dist_env.device, loss=cfg.loss)
-        tracker.update(stats.skipped)
-        if tracker.exhausted:
-            raise NonFiniteLossError(tracker.message(step + 1))
-        window.add(stats)
-        final = step + 1 == stage.steps
-        if (step + 1) % cfg.run.log_every_steps == 0 or final:
-            window.flush(step + 1, engine, loader)
-        decision = trigger.poll((step + 1) * plan.global_batch, final_step=final)
+    RNG: a DataLoader draws its base seed from the global RNG (which drives patch masking) when
+    its iterator starts; a resumed run would start it after restoring the RNG and be one draw off.
+    Signals: DataLoader workers forked during a fetch must survive a SIGTERM sent to the whole
+    process group until the main process has saved its checkpoint (see signals_deferred).
+    """
+    while True:
+        with torch.random.fork_rng(devices=[]), signals_deferred():
+            batch = next(batches)
+        yield batch
+
+
+def evaluate(engine: Any, evaluator: Any, stage: StageConfig, device: torch.device, logger: MetricsLogger, samples_seen: int) -> None:
+    """In-loop evaluation (a collective). RNG-neutral: it must not shift the training RNG stream,
+    or a run resumed from a checkpoint taken after an evaluation would diverge. Stop signals wait
+    for its end (its DataLoader workers must survive them, see signals_deferred)."""
+    model = engine.module.model
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), signals_deferred():
+        model.eval()
+        try:
+            results = evaluator.run(model, stage.image.eval_size or stage.image.size, device)
+        finally:
+            model.train()
+    logger.log({"event": "eval", "stage": stage.name, "samples_seen": samples_seen, **results})
+
+
+class StageRunner:
+    """One stage: built from its start point (fresh, hand-off or checkpoint), then the step loop."""
+
+    def __init__(
+        self, cfg: Config, stage_index: int, dist_env: DistEnv, logger: MetricsLogger, ckpt: RunCheckpoints, evaluator: Any
+    ) -> None:
+        from clipa_ds.data.pipeline import build_train_loader
+        from clipa_ds.data.tokenizer import CaptionTokenizer
+        from clipa_ds.task import CLIPTask
+
+        self.cfg, self.index, self.env, self.logger, self.ckpt, self.evaluator = cfg, stage_index, dist_env, logger, ckpt, evaluator
+        self.stage = stage = cfg.stages[stage_index]
+        self.plan = batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
+        start = ckpt.start_stage(stage_index)
+        # Seeded before the model is built: a fresh stage's init is the same on every restart.
+        seed_everything(cfg.run.seed + 1000 * stage_index + dist_env.rank)
+        model = build_stage_model(cfg, stage, start)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self._log_start(model, start)
+        self.engine = build_engine(CLIPTask(model, cfg.loss), start.engine, self.plan, stage.optim, dist_env.device)
+        restored = ckpt.restore(self.engine, start) if start.resume is not None else None
+        self.loader = build_train_loader(
+            cfg.data, stage, stage_index=stage_index, rank=dist_env.rank, world_size=dist_env.world_size,
+            seed=cfg.run.seed, micro_batch=self.plan.micro_batch, tokenizer=CaptionTokenizer(),
+            state=restored.loader_state if restored else None,
+        )
+        self.batches = guarded(iter(self.loader))
+        self.tracker = NonFiniteTracker(cfg.loss.max_nonfinite_steps_in_a_row)
+        if restored and restored.nonfinite:
+            self.tracker.load_state_dict(restored.nonfinite)
+        self.first_step = restored.samples_seen // self.plan.global_batch if restored else 0
+        self.trigger = ckpt.trigger(self.first_step * self.plan.global_batch)
+        self.window = LogWindow(cfg, stage, self.plan, dist_env, logger)
+
+    def _log_start(self, model: torch.nn.Module, start: StageStart) -> None:
+        # The digest proves which weights a handed-over stage started from (tests compare it).
+        digest = weights_digest(model.state_dict()) if start.weights is not None and self.env.rank == 0 else ""
+        self.logger.log({
+            "event": "stage_start", "stage": self.stage.name, "init": start.source, "init_digest": digest,
+            "text_context_length": self.stage.text.context_length, "world_size": self.env.world_size,
+        })
+
+    def run(self) -> StageResult:
+        start, stop_signal = time.perf_counter(), 0
+        for step in range(self.first_step, self.stage.steps):
+            lr = self.train_one(step)
+            stop_signal = self.after_step(step + 1, lr)
+        wall_s = time.perf_counter() - start
+        weights = full_fp32_state_dict(self.engine)
+        samples = self.stage.steps * self.plan.global_batch
+        info = {"samples": samples, "final_loss": self.window.last_loss, "wall_s": wall_s}
+        self.ckpt.finish_stage(self.index, weights, info)
+        self.loader.close()
+        if stop_signal:
+            raise Preempted(stop_signal)
+        return StageResult(self.stage.name, samples, wall_s, self.window.last_loss, weights)
+
+    def train_one(self, step: int) -> float:
+        lr = lr_at(step * self.plan.global_batch, self.stage.optim, self.stage.samples)
+        set_lr(self.engine, lr)
+        stats = train_step(self.engine, self.batches, self.plan, self.env.device, loss=self.cfg.loss)
+        self.tracker.update(stats.skipped)
+        if self.tracker.exhausted:
+            raise NonFiniteLossError(self.tracker.message(step + 1))
+        self.window.add(stats)
+        return lr
+
+    def after_step(self, done: int, lr: float) -> int:
+        """Log, evaluate, checkpoint after `done` steps; returns a stop signal to honour at the stage end."""
+        samples, final = done * self.plan.global_batch, done == self.stage.steps
+        if done % self.cfg.run.log_every_steps == 0 or final:
+            self.window.flush(done, self.engine, self.loader)
+        if self.evaluator.enabled and (final or self.evaluator.due(samples - self.plan.global_batch, samples)):
+            evaluate(self.engine, self.evaluator, self.stage, self.env.device, self.logger, samples)
+        decision = self.trigger.poll(samples, final_step=final)
         if decision.save:
-            ckpt.save(
-                engine, loader, stage_index, (step + 1) * plan.global_batch,
-                lr=lr, nonfinite=tracker.state_dict(), num_params=num_params,
-            )
-            trigger.saved((step + 1) * plan.global_batch)
+            nonfinite = self.tracker.state_dict()
+            self.ckpt.save(self.engine, self.loader, self.index, samples, lr=lr, nonfinite=nonfinite, num_params=self.num_params)
+            self.trigger.saved(samples)
         if decision.stop_signal and not final:
             raise Preempted(decision.stop_signal)
-        stop_signal = decision.stop_signal
-    weights = full_fp32_state_dict(engine)
-    wall_s = time.perf_counter() - stage_start
-    ckpt.finish_stage(stage_index, weights, {"samples": stage.steps * plan.global_batch, "final_loss": window.last_loss, "wall_s": wall_s})
-    loader.close()
-    if stop_signal:
-        raise Preempted(stop_signal)
-    return StageResult(stage.name, stage.steps * plan.global_batch, wall_s, window.last_loss, weights)
+        return decision.stop_signal
 
 
 def run(cfg: Config) -> list[StageResult]:
@@ -202,13 +260,14 @@ def run(cfg: Config) -> list[StageResult]:
     try:
         ckpt.prepare()
         logger = MetricsLogger(ckpt.layout.root, dist_env.rank, cfg.run.tensorboard)
+        evaluator = InLoopEvaluator(cfg.eval, cfg.data, str(ckpt.layout.root), dist_env.rank)
         try:
             for stage_index in range(len(cfg.stages)):
                 if ckpt.stage_done(stage_index):
                     info = ckpt.final_info(stage_index)
                     results.append(StageResult(info["stage"], info["samples"], info["wall_s"], info["final_loss"]))
                     continue
-                results.append(train_stage(cfg, stage_index, dist_env, logger, ckpt))
+                results.append(StageRunner(cfg, stage_index, dist_env, logger, ckpt, evaluator).run())
         finally:
             logger.close()
         if results and not results[-1].weights:  # the run was already finished
@@ -234,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipa-ds: error: {err}", file=sys.stderr)
         return 1
     except Preempted as stop:
-        print(f"clipa-ds: {stop}; run the same command again to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"clipa-ds: {stop}; run the same command again to resume", file=sys.stderr)
         return stop.exit_code
     return 0
 

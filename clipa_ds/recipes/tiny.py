@@ -33,5 +33,8 @@ def recipe() -> dict[str, Any]:
         "data": {"train_urls": "synthetic", "workers": 1, "shuffle_buffer": 500},
         "eval": {"zeroshot_data": "synthetic", "batch_size": 256},
         "engine": {"zero_stage": 1, "bf16": False, "peak_tflops": 1.0},
+        # At least four checkpoints in every stage (21 and 5 here), so that killing a run after
+        # its first checkpoint and resuming it is a meaningful test.
+        "checkpoint": {"every_samples": 768, "keep_last": 2},
         "stages": [pretrain, finetune],
     }
