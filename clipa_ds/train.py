@@ -91,8 +91,11 @@ class LogWindow:
         from clipa_ds.models.variants import get_variant
 
         self.cfg, self.stage, self.plan, self.env, self.logger = cfg, stage, plan, dist_env, logger
+        spec = get_variant(cfg.model.variant)
         self.image_tokens, self.text_tokens = stage_tokens(cfg, stage)
-        self.flops = train_flops_per_sample(get_variant(cfg.model.variant), self.image_tokens, self.text_tokens).total
+        # Patches are embedded before masking drops any; the blocks see only the kept tokens.
+        patch_tokens = (stage.image.size // spec.patch_size) ** 2
+        self.flops = train_flops_per_sample(spec, self.image_tokens, self.text_tokens, patch_tokens=patch_tokens).total
         self.peak = cfg.engine.peak_tflops * 1e12 * dist_env.world_size
         self.loss_sum = torch.zeros((), device=dist_env.device)
         self.last_loss = float("nan")
@@ -251,7 +254,7 @@ def run(cfg: Config) -> list[StageResult]:
     """Train every stage of `cfg` in order, resuming from run.dir and handing weights between stages."""
     dist_env = init_distributed()
     cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, train_urls=materialize_train_urls(cfg.data.train_urls, cfg.run.dir, dist_env.rank))
+        cfg, data=dataclasses.replace(cfg.data, train_urls=materialize_train_urls(cfg.data.train_urls, cfg.run.dir, dist_env.local_rank))
     )
     for stage in cfg.stages:  # fail on batch arithmetic before any work
         batch_plan(stage.global_batch, stage.micro_batch, dist_env.world_size)
@@ -260,7 +263,7 @@ def run(cfg: Config) -> list[StageResult]:
     try:
         ckpt.prepare()
         logger = MetricsLogger(ckpt.layout.root, dist_env.rank, cfg.run.tensorboard)
-        evaluator = InLoopEvaluator(cfg.eval, cfg.data, str(ckpt.layout.root), dist_env.rank)
+        evaluator = InLoopEvaluator(cfg.eval, cfg.data, str(ckpt.layout.root), dist_env.local_rank)
         try:
             for stage_index in range(len(cfg.stages)):
                 if ckpt.stage_done(stage_index):

@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+from typing import Any, Callable
+
 import pytest
 
 pytest_plugins = ["tests.s3_server"]
@@ -27,3 +29,28 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def run_ranks(worker: Callable[..., None], world: int, messages: int, timeout: float = 600) -> list[Any]:
+    """Spawn `world` processes running worker(rank, port, queue); collect `messages` queue items.
+
+    Workers join a gloo group on 127.0.0.1:port and put picklable results (numpy, not shared
+    tensors) on the queue. Every process must exit cleanly.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        items = [queue.get(timeout=timeout) for _ in range(messages)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=300)
+            if proc.is_alive():
+                proc.kill()
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    return items

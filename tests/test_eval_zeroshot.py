@@ -193,6 +193,6 @@ def test_cli_reports_the_same_numbers_as_the_in_process_eval(tmp_path: Path, cap
     assert cli_main([str(tmp_path / "run"), "--task", "zeroshot", "--data", str(tmp_path / "nowhere")]) == 2
     assert "neither .tar shards nor a directory" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "nothing"), "--task", "zeroshot", "--data", source]) == 2
-    assert "holds no eval bundle" in capsys.readouterr().err
+    assert "is not a clipa-ds run directory, a .safetensors file, an eval bundle" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "run"), "--task", "zeroshot", "--data", str(tmp_path / "missing-{0..1}.tar")]) == 2
     assert "missing-0.tar" in capsys.readouterr().err

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 
 WORLD, MICRO, ACCUM = 2, 2, 4
 GLOBAL = WORLD * MICRO * ACCUM  # 16 samples, the number of negatives the recipe asks for
@@ -186,20 +185,10 @@ def test_gradient_cache_equals_whole_batch_step_and_plain_accumulation_does_not(
     step's gradient is the mean of four small-batch losses, a different function whose gradient
     differs from the whole-batch one. The test shows it is exactly that mean of 4-sample losses.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
     results = {}
-    for _ in SCENARIOS:
-        name, loss, update, global_steps, skipped = queue.get(timeout=600)
+    for name, loss, update, global_steps, skipped in run_ranks(_worker, WORLD, messages=len(SCENARIOS)):
         results[name] = (loss, update)
         assert global_steps == 1 and not skipped, name
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
 
     whole = [[rows(r, i) for r in range(WORLD) for i in range(ACCUM)]]  # one chunk: all 16 rows
     per_micro = [[rows(r, i) for r in range(WORLD)] for i in range(ACCUM)]  # 4 chunks of 4 rows

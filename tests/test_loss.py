@@ -6,10 +6,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from clipa_ds.loss import clip_loss
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 
 WORLD, LOCAL_B, IN_DIM, EMBED = 2, 5, 12, 8
 
@@ -51,16 +50,8 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 def test_two_ranks_match_global_loss_and_gradients() -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    loss, g_img, g_txt = (torch.from_numpy(a) for a in queue.get(timeout=300))
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    (arrays,) = run_ranks(_worker, WORLD, messages=1)
+    loss, g_img, g_txt = (torch.from_numpy(a) for a in arrays)
 
     ref_loss, ref_img, ref_txt = _loss_and_grads(*_problem())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -66,6 +66,7 @@ def _launcher(ns: str, veth: str, node_rank: int, port: int, run_dir: Path, shar
         f"run.dir={run_dir}", "run.tensorboard=false", "run.log_every_steps=1",
         f"data.train_urls={shards}", "data.workers=0",
         f"stages.pretrain.samples={PRETRAIN_SAMPLES}", "stages.pretrain.optim.warmup_samples=256",
+        f"stages.pretrain.global_batch={GLOBAL_BATCH}", f"stages.finetune.global_batch={GLOBAL_BATCH}",
         f"stages.finetune.samples={FINETUNE_SAMPLES}", "stages.finetune.optim.warmup_samples=256",
     ]
 

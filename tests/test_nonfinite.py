@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from clipa_ds.numerics import NonFiniteTracker, local_nonfinite
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 from tests.test_gradcache import GLOBAL, WORLD, build_engine, build_model, fp32_params, global_batch, init_worker
 
 # (name, accumulation, micro-batch, ZeRO stage, bf16, the micro-batch of the bad step that is NaN)
@@ -111,19 +110,9 @@ def _clamp_scenario(rank: int) -> tuple[list[float], list[float]]:
 @pytest.fixture(scope="module")
 def job() -> dict[str, dict[int, Any]]:
     """Run every scenario once in one 2-rank job: {scenario: {rank: results}}."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
     by_name: dict[str, dict[int, Any]] = {}
-    for _ in range(WORLD * (len(SCENARIOS) + 1)):
-        name, rank, *rest = queue.get(timeout=600)
+    for name, rank, *rest in run_ranks(_worker, WORLD, messages=WORLD * (len(SCENARIOS) + 1)):
         by_name.setdefault(name, {})[rank] = rest
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
     return by_name
 
 

@@ -9,13 +9,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipa_ds import siglip
 from clipa_ds.config import ConfigError, LossConfig
 from clipa_ds.siglip import siglip_loss, siglip_model_kwargs
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 
 # 3 ranks: with 2, "next" and "previous" on the ring are the same rank and a hop sent the wrong way
 # would go unnoticed.
@@ -75,16 +74,7 @@ def _worker(rank: int, port: int, queue: Any) -> None:
 
 @pytest.mark.slow
 def test_ring_siglip_matches_single_process_value_and_gradients() -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    arrays, blocks = queue.get(timeout=300)
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
+    ((arrays, blocks),) = run_ranks(_worker, WORLD, messages=1)
     ref = _loss_and_grads(naive_siglip, *_problem())
     for got, want, name in zip(arrays, ref, ("loss", "w_img", "w_txt", "t_prime", "bias")):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6, msg=name)

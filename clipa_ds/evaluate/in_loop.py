@@ -13,7 +13,7 @@ from clipa_ds.config import DataConfig, EvalConfig
 class InLoopEvaluator:
     """Zero-shot and retrieval on full tokens, every `eval.every_samples` and at stage ends."""
 
-    def __init__(self, eval_cfg: EvalConfig, data_cfg: DataConfig, run_dir: str, rank: int) -> None:
+    def __init__(self, eval_cfg: EvalConfig, data_cfg: DataConfig, run_dir: str, local_rank: int) -> None:
         from clipa_ds.data.storage import StorageSettings
         from clipa_ds.data.synthetic_source import PROMPTS, SYNTHETIC, materialize_eval_urls
         from clipa_ds.data.tokenizer import CaptionTokenizer
@@ -28,7 +28,7 @@ class InLoopEvaluator:
         if self.zeroshot_data == SYNTHETIC:
             from clipa_ds.data.synthetic import CLASS_NAMES
 
-            self.zeroshot_data = materialize_eval_urls(run_dir, rank)
+            self.zeroshot_data = materialize_eval_urls(run_dir, local_rank)
             self.label_set = make_label_set(CLASS_NAMES, list(PROMPTS), source="synthetic shapes")
         elif eval_cfg.classnames or eval_cfg.templates:
             self.label_set = load_label_set(eval_cfg.classnames or None, eval_cfg.templates or None)
