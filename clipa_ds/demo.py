@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from clipa_ds.siglip import siglip_model_kwargs
     from clipa_ds.train import run
 
-    cfg = load_config("tiny", [f"run.dir={out / 'run'}", f"data.train_urls={train_urls}", *args.overrides])
+    # The demo is not a pre-emptible job: one checkpoint per 4,096 samples keeps it quick.
+    demo_overrides = [f"run.dir={out / 'run'}", f"data.train_urls={train_urls}", "checkpoint.every_samples=4096"]
+    cfg = load_config("tiny", [*demo_overrides, *args.overrides])
     results = run(cfg)
 
     last = cfg.stages[-1]
