@@ -16,14 +16,8 @@ compiled, for an A/B of compilation), `open_clip` (see open_clip_step.py: open_c
 model and standard recipe, nothing downloaded), `both` = clipa-ds,open_clip. Every pair gets a
 samples/s ratio; `ratio_clipa_ds_to_open_clip` is the headline one.
 
-Timing: after `--warmup` steps (compilation happens there), each window of `--steps` steps is
-timed by the host clock with a device synchronise only at its ends; per-step times come from
-CUDA events on GPU (no sync inside the window), from the host clock on CPU, where the process
-CPU time is reported too (steadier on a shared machine). MFU = samples/s x analytic training
-FLOPs per sample (clipa_ds.flops: image tokens after masking, patch embedding on all patches)
-/ peak FLOP/s: engine.peak_tflops on GPU. On CPU the peak is a dense fp32/bf16 matmul measured
-per second of process CPU time, and MFU uses samples per CPU-second: both clocks then ignore
-other programs on a shared machine (`mfu_wall` is the wall-clock figure beside it).
+Timing and MFU (device syncs only at window ends; CUDA events per step on GPU; CPU-time MFU
+against a measured matmul peak on CPU) are described in benchmarks/RESULTS.md.
 `--check-syncs` runs one more step per system under host_syncs.HostSyncCounter and reports every
 host-device synchronisation with the code that issued it, and the aten ops dispatched (an eager
 kernel-launch count). `--breakdown` times forward / backward / optimizer step (phases.py).

