@@ -70,6 +70,7 @@ SAFE_PREFIXES = (
     "run.dir",
     "run.log_every_steps",
     "run.tensorboard",
+    "run.stall_dump_s",
     "model.grad_checkpointing_vision",  # recomputation gives the same math
     "model.grad_checkpointing_text",
     "data.workers",  # the loader re-splits readers (see docs: at most one shuffle block repeats)

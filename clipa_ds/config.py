@@ -28,10 +28,14 @@ class RunConfig:
     seed: int = 0
     log_every_steps: int = 10
     tensorboard: bool = True
+    # A step slower than this dumps every thread's stack to stderr (repeating), so a hung
+    # collective or data worker names itself in the job log; 0 = off. Diagnostic only: it never kills.
+    stall_dump_s: float = 900.0
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "run.dir is empty; set run.dir=PATH")
         _check(self.log_every_steps >= 1, f"run.log_every_steps={self.log_every_steps} must be >= 1")
+        _check(self.stall_dump_s >= 0, f"run.stall_dump_s={self.stall_dump_s} must be >= 0 (0 = off)")
 
 
 @dataclass(kw_only=True)

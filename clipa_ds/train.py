@@ -8,6 +8,7 @@ Re-running the same command with the same run.dir resumes where the run stopped.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
 import sys
 import time
@@ -166,6 +167,13 @@ def evaluate(engine: Any, evaluator: Any, stage: StageConfig, device: torch.devi
     logger.log({"event": "eval", "stage": stage.name, "samples_seen": samples_seen, **results})
 
 
+def arm_stall_dump(seconds: float) -> None:
+    """(Re)start the countdown after which every thread's stack goes to stderr, every `seconds`
+    until the next call: a rank stuck in a collective, a data worker or storage then shows where."""
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, repeat=True, exit=False)
+
+
 class StageRunner:
     """One stage: built from its start point (fresh, hand-off or checkpoint), then the step loop."""
 
@@ -210,9 +218,13 @@ class StageRunner:
 
     def run(self) -> StageResult:
         start, stop_signal = time.perf_counter(), 0
-        for step in range(self.first_step, self.stage.steps):
-            lr = self.train_one(step)
-            stop_signal = self.after_step(step + 1, lr)
+        try:
+            for step in range(self.first_step, self.stage.steps):
+                arm_stall_dump(self.cfg.run.stall_dump_s)
+                lr = self.train_one(step)
+                stop_signal = self.after_step(step + 1, lr)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         wall_s = time.perf_counter() - start
         weights = full_fp32_state_dict(self.engine)
         samples = self.stage.steps * self.plan.global_batch

@@ -31,18 +31,25 @@ def port() -> int:
     return free_port()
 
 
+def _rank_main(worker: Callable[..., None], rank: int, port: int, queue: Any, exit_barrier: Any) -> None:
+    worker(rank, port, queue)
+    # Rank 0 hosts the TCPStore: if it exits while a peer is still inside destroy_process_group,
+    # that peer's gloo threads can abort (SIGABRT, seen on CI). Nobody leaves until all are done.
+    exit_barrier.wait(timeout=300)
+
+
 def run_ranks(worker: Callable[..., None], world: int, messages: int, timeout: float = 600) -> list[Any]:
     """Spawn `world` processes running worker(rank, port, queue); collect `messages` queue items.
 
-    Workers join a gloo group on 127.0.0.1:port and put picklable results (numpy, not shared
-    tensors) on the queue. Every process must exit cleanly.
+    Workers join a gloo group on 127.0.0.1:port, put picklable results (numpy, not shared
+    tensors) on the queue and destroy their group. Every process must exit cleanly.
     """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, exit_barrier = ctx.Queue(), ctx.Barrier(world)
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(worker, rank, port, queue, exit_barrier)) for rank in range(world)]
     for proc in procs:
         proc.start()
     try:

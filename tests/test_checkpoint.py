@@ -330,16 +330,15 @@ def _worker_like_torch() -> None:
     time.sleep(60)
 
 
-def test_stop_signals_wait_for_the_fetch_and_forked_workers_survive_them() -> None:
-    import multiprocessing
-
+def test_stop_signals_wait_for_the_fetch_and_loader_workers_survive_them() -> None:
     from clipa_ds.checkpoint_trigger import signals_deferred
+    from clipa_ds.data.workers import worker_context
 
     signals = StopSignals().install()
     child = None
     try:
         with signals_deferred():
-            child = multiprocessing.get_context("fork").Process(target=_worker_like_torch)
+            child = worker_context().Process(target=_worker_like_torch)  # how loader workers start
             child.start()
             os.kill(os.getpid(), signal.SIGTERM)
             assert signals.received == 0  # deferred while fetching

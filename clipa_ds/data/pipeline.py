@@ -32,6 +32,7 @@ from clipa_ds.config import ConfigError
 from clipa_ds.data import storage
 from clipa_ds.data.reader import COUNTERS, Reader, ReaderContext, initial_state
 from clipa_ds.data.shards import RetryPolicy, ShardPlan, load_index, parse_sources
+from clipa_ds.data.workers import worker_options
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -75,7 +76,7 @@ class TrainLoader:
         dataset = _ReaderDataset(ctx, reader_ids, states, rotation)
         self._loader = DataLoader(
             dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-            prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None,
+            prefetch_factor=2 if workers else None, **worker_options(workers),
         )
         self._iter: Iterator[dict[str, Any]] | None = None
 

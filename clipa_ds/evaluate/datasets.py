@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipa_ds.data import storage
 from clipa_ds.data.shards import RetryingStream, RetryPolicy, expand_urls
 from clipa_ds.data.tario import iter_samples
+from clipa_ds.data.workers import worker_options
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "cls.txt")
@@ -275,5 +276,8 @@ def eval_loader(
 ) -> tuple[DataLoader, EvalDataset]:
     """A DataLoader over this rank's slice (no shuffling, no padding, last batch kept)."""
     dataset = EvalDataset(source, task, image_size, rank, world_size, settings)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+        **worker_options(workers),
+    )
     return loader, dataset
