@@ -43,7 +43,8 @@ def _kill_workers_at_exit() -> None:
             child.kill()
 
 
-# atexit runs last-registered first: this runs before multiprocessing.util's terminate-and-join.
+# atexit runs last-registered first, and multiprocessing.util (imported above) registered its
+# terminate-and-join already: this runs before it.
 atexit.register(_kill_workers_at_exit)
 
 
