@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from clipa_ds.data.synthetic import write_synthetic_shards
 from clipa_ds.data.tokenizer import CaptionTokenizer
 from clipa_ds.evaluate.datasets import eval_loader
 
+# A training process in miniature: a train loader with 2 worker processes over `urls`.
+LOADER_SNIPPET = (
+    "from clipa_ds.config import DataConfig, ImageStageConfig, StageConfig, TextStageConfig\n"
+    "from clipa_ds.data.pipeline import build_train_loader\n"
+    "from clipa_ds.data.tokenizer import CaptionTokenizer\n"
+    "stage = StageConfig(name='s', samples=1000, global_batch=4, image=ImageStageConfig(size=32),\n"
+    "                    text=TextStageConfig(context_length=8))\n"
+    "cfg = DataConfig(train_urls='{urls}', workers=2)\n"
+    "loader = build_train_loader(cfg, stage, stage_index=0, rank=0, world_size=1, seed=0, micro_batch=4,\n"
+    "                            tokenizer=CaptionTokenizer())\n"
+)
 STAGE = StageConfig(
     name="pretrain", samples=1_000, global_batch=8,
     image=ImageStageConfig(size=32), text=TextStageConfig(context_length=8),
@@ -50,19 +62,42 @@ def test_an_error_with_a_loader_open_still_exits(tmp_path: Path) -> None:
     # wait for them forever. The error must end the process, not hang it.
     write_synthetic_shards(tmp_path, num_samples=32, samples_per_shard=16, image_size=32, seed=0)
     code = (
-        "from clipa_ds.config import DataConfig, ImageStageConfig, StageConfig, TextStageConfig\n"
-        "from clipa_ds.data.pipeline import build_train_loader\n"
-        "from clipa_ds.data.tokenizer import CaptionTokenizer\n"
-        "stage = StageConfig(name='s', samples=1000, global_batch=4, image=ImageStageConfig(size=32),\n"
-        "                    text=TextStageConfig(context_length=8))\n"
-        f"cfg = DataConfig(train_urls='{tmp_path}/train-{{000000..000001}}.tar', workers=2)\n"
-        "loader = build_train_loader(cfg, stage, stage_index=0, rank=0, world_size=1, seed=0, micro_batch=4,\n"
-        "                            tokenizer=CaptionTokenizer())\n"
-        "next(loader)\n"
+        LOADER_SNIPPET.format(urls=f"{tmp_path}/train-{{000000..000001}}.tar")
+        + "next(loader)\n"
         "raise RuntimeError('failure mid-epoch')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "failure mid-epoch" in proc.stderr
+
+
+def test_workers_and_fork_server_end_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    write_synthetic_shards(tmp_path, num_samples=32, samples_per_shard=16, image_size=32, seed=0)
+    code = (
+        "import multiprocessing.forkserver, sys, time\n"
+        + LOADER_SNIPPET.format(urls=f"{tmp_path}/train-{{000000..000001}}.tar")
+        + "next(loader)\n"
+        "pids = [w.pid for w in loader._iter._workers] + [multiprocessing.forkserver._forkserver._forkserver_pid]\n"
+        "print(*pids, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(pids) == 3 and all(Path(f"/proc/{p}").exists() for p in pids)
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no cleanup of any kind in the training process
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _running(p)], "loader processes outlived the killed training process"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 class _EnvironmentValue(torch.utils.data.IterableDataset):

@@ -14,10 +14,12 @@ the server started included), as it would after a fork.
 Signals: the server is started with the stop signals (SIGTERM, SIGUSR1) blocked, a mask that
 it and every worker it forks inherit. A pre-emption signal sent to the whole process group then
 leaves the workers alive until the main process has saved its checkpoint (torch would otherwise
-let them die, and the main process would fail on its next fetch). Workers still end with their
-loader, and when the main process dies (the server sees it go and exits, and so do they). At
-interpreter exit, multiprocessing would SIGTERM its daemonic children and then wait for them
-forever, so an exit with a loader still open (an error mid-epoch) kills the workers first.
+let them die, and the main process would fail on its next fetch).
+
+Ending: workers end with their loader, and when the main process dies, however it dies (each
+watches it through a pidfd; the server exits once its last worker has gone). At interpreter
+exit, multiprocessing would SIGTERM its daemonic children and then wait for them forever, so an
+exit with a loader still open (an error mid-epoch) kills the workers first.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import functools
 import multiprocessing
 import multiprocessing.util
 import os
+import select
 import signal
+import threading
+import time
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -54,13 +59,41 @@ def worker_options(workers: int) -> dict[str, Any]:
         return {}
     return {
         "multiprocessing_context": worker_context(),
-        "worker_init_fn": functools.partial(_adopt_environment, dict(os.environ)),
+        "worker_init_fn": functools.partial(_init_worker, dict(os.environ), os.getpid()),
     }
 
 
-def _adopt_environment(environment: dict[str, str], worker_id: int) -> None:
+def _init_worker(environment: dict[str, str], owner_pid: int, worker_id: int) -> None:
     os.environ.clear()
     os.environ.update(environment)
+    threading.Thread(target=_exit_with_owner, args=(owner_pid,), name="clipa-owner-watch", daemon=True).start()
+
+
+def _exit_with_owner(owner_pid: int) -> None:
+    """End this worker when the process that owns its loader is gone (SIGKILL, OOM kill).
+
+    torch's own check watches the parent, which here is the fork server; and the server lives
+    while any worker holds its liveness pipe, so without this both would outlive a killed rank."""
+    try:
+        owner = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:  # no pidfd (kernel < 5.3): poll
+        while _alive(owner_pid):
+            time.sleep(5.0)
+        os._exit(1)
+    select.select([owner], [], [])  # readable once the owner has exited
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def worker_context() -> BaseContext:
