@@ -7,12 +7,11 @@ any rank, or any rank's clock, makes every rank save at the same step, then stop
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,22 +54,6 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Block SIGTERM/SIGUSR1 in this thread inside the block; a signal that arrives is delivered
-    right after it. Processes forked inside (DataLoader workers) keep the signals blocked, so a
-    pre-emption signal sent to the whole process group does not kill them (torch makes workers
-    die on SIGTERM) while the main process still needs them to reach its checkpoint."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def control_group() -> Any:

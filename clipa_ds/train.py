@@ -19,7 +19,6 @@ import torch
 
 from clipa_ds.checkpoint import CheckpointError, Preempted, RunCheckpoints, StageStart
 from clipa_ds.checkpoint_state import seed_everything
-from clipa_ds.checkpoint_trigger import signals_deferred
 from clipa_ds.checkpoint_weights import StateDict, load_into, weights_digest
 from clipa_ds.config import Config, ConfigError, StageConfig, load_config
 from clipa_ds.data.synthetic_source import materialize_train_urls
@@ -139,26 +138,22 @@ class LogWindow:
 
 
 def guarded(batches: Any) -> Any:
-    """Fetch batches without touching the global torch RNG and with stop signals deferred.
-
-    RNG: a DataLoader draws its base seed from the global RNG (which drives patch masking) when
-    its iterator starts; a resumed run would start it after restoring the RNG and be one draw off.
-    Signals: DataLoader workers forked during a fetch must survive a SIGTERM sent to the whole
-    process group until the main process has saved its checkpoint (see signals_deferred).
-    """
+    """Fetch batches without touching the global torch RNG: a DataLoader draws its base seed from
+    the global RNG (which drives patch masking) when its iterator starts; a resumed run would
+    start it after restoring the RNG and be one draw off. (Loader workers outlive a pre-emption
+    SIGTERM on their own: see clipa_ds.data.workers.)"""
     while True:
-        with torch.random.fork_rng(devices=[]), signals_deferred():
+        with torch.random.fork_rng(devices=[]):
             batch = next(batches)
         yield batch
 
 
 def evaluate(engine: Any, evaluator: Any, stage: StageConfig, device: torch.device, logger: MetricsLogger, samples_seen: int) -> None:
     """In-loop evaluation (a collective). RNG-neutral: it must not shift the training RNG stream,
-    or a run resumed from a checkpoint taken after an evaluation would diverge. Stop signals wait
-    for its end (its DataLoader workers must survive them, see signals_deferred)."""
+    or a run resumed from a checkpoint taken after an evaluation would diverge."""
     model = engine.module.model
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), signals_deferred():
+    with torch.random.fork_rng(devices=devices):
         model.eval()
         try:
             results = evaluator.run(model, stage.image.eval_size or stage.image.size, device)

@@ -13,6 +13,7 @@ uninterrupted reference per ZeRO stage is shared between tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -84,28 +85,37 @@ def check_ok(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-6000:]}"
 
 
-def launch_and_kill_after_first_checkpoint(nproc: int, run_dir: Path, args: list[str]) -> str:
-    """Start a run; SIGKILL its whole process group the moment `checkpoints/latest` appears."""
-    log_path = run_dir.parent / f"{run_dir.name}-killed.log"
+@contextlib.contextmanager
+def run_until_next_checkpoint(nproc: int, run_dir: Path, args: list[str], log_name: str) -> Iterator[tuple[Any, Path, str]]:
+    """Start a run in its own session and yield (process, log path, tag) once `checkpoints/latest`
+    appears or moves; afterwards whatever is left of the run is killed."""
+    log_path = run_dir.parent / f"{run_dir.name}-{log_name}.log"
     latest = run_dir / "checkpoints" / "latest"
+    before = latest.read_text() if latest.is_file() else ""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             command(nproc, run_dir, args), env=environment(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-            while not latest.is_file():
-                assert proc.poll() is None, f"run ended before its first checkpoint:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no checkpoint within the time limit"
-                time.sleep(0.02)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not latest.is_file() or latest.read_text() == before:
+            assert proc.poll() is None, f"run ended before a new checkpoint:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.02)
+        yield proc, log_path, latest.read_text().strip()
+    finally:
+        if proc.poll() is None:
             kill_tree(proc.pid)
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-            proc.wait(timeout=60)
+        proc.wait(timeout=60)
+
+
+def launch_and_kill_after_first_checkpoint(nproc: int, run_dir: Path, args: list[str]) -> str:
+    """Start a run; SIGKILL it and all its processes the moment `checkpoints/latest` appears."""
+    with run_until_next_checkpoint(nproc, run_dir, args, "killed") as (proc, _, _):
+        kill_tree(proc.pid)
     assert proc.returncode == -signal.SIGKILL
-    return latest.read_text().strip()
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
 def kill_tree(pid: int) -> None:
@@ -127,27 +137,9 @@ def launch_and_signal_after_next_checkpoint(nproc: int, run_dir: Path, args: lis
     """Start a run; send `signum` to the launcher (as a scheduler would) once `latest` moves.
 
     Returns (exit code, log, tag `latest` held when the signal was sent)."""
-    log_path = run_dir.parent / f"{run_dir.name}-signalled.log"
-    latest = run_dir / "checkpoints" / "latest"
-    before = latest.read_text() if latest.is_file() else ""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            command(nproc, run_dir, args), env=environment(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-            while not latest.is_file() or latest.read_text() == before:
-                assert proc.poll() is None, f"run ended before a new checkpoint:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no checkpoint within the time limit"
-                time.sleep(0.02)
-            at_signal = latest.read_text().strip()
-            proc.send_signal(signum)
-            proc.wait(timeout=LAUNCH_TIMEOUT_S)
-        finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
-                proc.wait(timeout=60)
+    with run_until_next_checkpoint(nproc, run_dir, args, "signalled") as (proc, log_path, at_signal):
+        proc.send_signal(signum)
+        proc.wait(timeout=LAUNCH_TIMEOUT_S)
     return proc.returncode, log_path.read_text(), at_signal
 
 

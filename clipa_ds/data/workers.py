@@ -101,7 +101,7 @@ def worker_context() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     # The fork server first starts the resource tracker, which unblocks SIGTERM on its way out;
-    # start it ourselves, then put back the caller's mask (it may be inside signals_deferred).
+    # start it ourselves, then put back the caller's mask.
     caller_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
         resource_tracker.ensure_running()
